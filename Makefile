@@ -1,0 +1,103 @@
+# The user interface. `make` lists the targets. Train targets take ARGS="key=value ..." and CHECKPOINT=...
+# PYTHON=python3 uses that interpreter as it is instead of bootstrapping .venv (e.g. on a GPU box with no pip).
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV := .venv
+
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+ENV := $(VENV)/.installed
+else
+ENV :=
+endif
+
+TRAIN = $(PYTHON) -m engine.train
+RESUME = $(if $(CHECKPOINT),resume=$(CHECKPOINT))
+P7_1B5 := configs/phase7_1.5b_triton.yaml
+need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> is required, e.g. make $@ CHECKPOINT=$(1)" >&2; exit 2; }
+
+.PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
+	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
+	train-phase7-1.5b-resume chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels clean-checkpoints
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  Train targets take ARGS=\"key=value ...\" (any config key) and CHECKPOINT=<file.pt> to resume."
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install requirements.txt (idempotent)
+
+quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
+	$(MAKE) --no-print-directory data-lite PYTHON=$(PYTHON)
+	$(MAKE) --no-print-directory train-phase7-test PYTHON=$(PYTHON)
+	@echo "--- a sample from checkpoints/phase7_test (chat with it: make chat CHECKPOINT=checkpoints/phase7_test)"
+	echo "ROMEO:" | $(PYTHON) -m engine.chat checkpoints/phase7_test max_new_tokens=60 seed=0
+
+test: $(ENV) ## run the test suite (CPU; GPU tests are skipped without CUDA)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn
+	$(PYTHON) -m engine.check_env
+
+check-phase7-env: check-env ## alias of check-env
+
+verify-phase7: check-env ## check-env + kernels against their references + a 3-step training run
+	$(MAKE) --no-print-directory triton-attn PYTHON=$(PYTHON)
+	$(TRAIN) configs/phase7_test.yaml data=dummy fast_dev_run=3 log_every=1 $(ARGS)
+
+triton-attn: $(ENV) ## check the Triton attention kernel against the reference; print error and timing
+	$(PYTHON) -m kernels.check_attention
+
+data-lite: $(ENV) ## small real corpus (Shakespeare + Milton), BPE tokenizer, packed shards in data/lite
+	$(PYTHON) -m data.prepare_lite $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
+
+data: $(ENV) ## tokenize a corpus: SOURCE= TOKENIZER= DEST= [SPLIT=] [PERCENTAGE=] [WORKERS=] [STRICT=1]
+	$(PYTHON) -m data.prepare --source "$(SOURCE)" --tokenizer "$(TOKENIZER)" --dest "$(DEST)" \
+		$(if $(SPLIT),--split $(SPLIT)) $(if $(PERCENTAGE),--percentage $(PERCENTAGE)) \
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(STRICT),--strict)
+
+recipe: $(ENV) ## build a dataset mixture: interactive, or SOURCES="data/a:0.7 data/b:0.3" [OUT=...]
+	$(PYTHON) -m data.recipe $(if $(SOURCES),--sources $(SOURCES)) $(if $(OUT),--out $(OUT))
+
+train: $(ENV) ## train any recipe: CONFIG=configs/<name>.yaml
+	@test -n "$(CONFIG)" || { echo "error: CONFIG=configs/<name>.yaml is required" >&2; exit 2; }
+	$(TRAIN) $(CONFIG) $(RESUME) $(ARGS)
+
+train-phase7-test: $(ENV) ## tiny phase 7 model on data-lite (CPU, ~2 min)
+	$(TRAIN) configs/phase7_test.yaml $(RESUME) $(ARGS)
+
+train-phase7-small: $(ENV) ## the fallback when 1.5B does not fit: d1536, 20 layers, n_seq 512
+	$(TRAIN) configs/phase7_small.yaml $(RESUME) $(ARGS)
+
+train-phase7-1.5b: $(ENV) ## phase 7 at 1.44B parameters, all optimisations on (GPU)
+	$(TRAIN) $(P7_1B5) $(RESUME) $(ARGS)
+
+train-phase7-1.5b-test: $(ENV) ## 1.5B on dummy data for 20 steps: does it run on this GPU?
+	$(TRAIN) $(P7_1B5) data=dummy device=cuda max_steps=20 log_every=1 eval_every=20 eval_batches=2 \
+		save_every=20 out_dir=checkpoints/phase7_1.5b_test $(RESUME) $(ARGS)
+
+train-phase7-1.5b-resume: $(ENV) ## continue a 1.5B run exactly: CHECKPOINT=checkpoints/.../phase7_step_2000.pt
+	$(call need_checkpoint,checkpoints/phase7_1.5b_triton/phase7_step_2000.pt)
+	$(TRAIN) $(P7_1B5) resume=$(CHECKPOINT) $(ARGS)
+
+chat-phase7-1.5b: $(ENV) ## chat with CHECKPOINT, or the best/final/latest in checkpoints/phase7_1.5b_triton
+	$(PYTHON) -m engine.chat $(or $(CHECKPOINT),checkpoints/phase7_1.5b_triton) $(ARGS)
+
+chat: $(ENV) ## chat with any checkpoint or run folder: CHECKPOINT=...
+	$(call need_checkpoint,checkpoints/phase7_test)
+	$(PYTHON) -m engine.chat $(CHECKPOINT) $(ARGS)
+
+bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8]
+	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(ARGS)
+
+bench-kernels: $(ENV) ## GPU: our attention and RMSNorm kernels against SDPA / cuDNN / F.rms_norm
+	$(PYTHON) -m bench.bench_kernels $(ARGS)
+
+clean-checkpoints: ## delete checkpoints/ (asks first)
+	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true

@@ -1,0 +1,127 @@
+"""Chat with a checkpoint: python -m engine.chat CHECKPOINT_OR_RUN_DIR [temperature=0.8 top_k=50 ...]
+
+On a terminal it is a REPL that streams tokens; `/set key value` changes a sampling setting. Without a
+terminal it reads one prompt per line from stdin and prints one completion per line, for scripts.
+The checkpoint names its phase, so phase 7 and mdm checkpoints chat the same way.
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.cli import run_cli
+from engine.config import ConfigError, config_from_dict, parse_overrides
+from engine.sampling import SamplingSettings
+from phases import get_phase
+
+HELP = "commands: /set KEY VALUE (temperature, top_k, top_p, max_new_tokens, steps), /settings, /quit"
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(SamplingSettings) if f.name != "eos_id"}
+
+
+def set_setting(settings: SamplingSettings, key: str, value: str) -> None:
+    if key not in SETTING_TYPES:
+        raise ConfigError(f"unknown setting '{key}'; settings: {', '.join(SETTING_TYPES)}")
+    try:
+        setattr(settings, key, SETTING_TYPES[key](value))
+    except ValueError:
+        raise ConfigError(f"setting '{key}' expects {SETTING_TYPES[key].__name__}, got '{value}'") from None
+
+
+def resolve_checkpoint(path: str) -> Path:
+    if not path:
+        raise ckpt.CheckpointError("no checkpoint given: CHECKPOINT=<file.pt or run folder>")
+    target = Path(path)
+    if target.is_dir():
+        found = ckpt.find_latest(target)
+        if found is None:
+            raise ckpt.CheckpointError(f"no checkpoint in {target}/: train first (e.g. `make train-phase7-test`)")
+        return found
+    return target
+
+
+class StreamPrinter:
+    """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 tail."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token.reshape(-1)[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+
+class Chat:
+    def __init__(self, path: Path, device: str):
+        from data.tokenizer import load_tokenizer
+
+        state = ckpt.load_checkpoint(path)
+        self.cfg = config_from_dict(state["config"])
+        self.phase = get_phase(self.cfg.phase)
+        self.device = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        model = self.phase.build_model(self.cfg)
+        model.load_state_dict(state["model"])
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = model.to(self.device, dtype).eval()
+        self.tokenizer = load_tokenizer(state["tokenizer"])
+        print(f"loaded {path} ({self.cfg.phase}, step {state['step']})", file=sys.stderr)
+
+    def complete(self, prompt: str, settings: SamplingSettings, on_token=None) -> str:
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) or [settings.eos_id or 0]
+        prompt_ids = torch.tensor([ids], device=self.device)
+        new_ids = self.phase.generate(self.model, prompt_ids, settings, on_token)
+        return self.tokenizer.decode(new_ids[0].tolist(), skip_special_tokens=True)
+
+
+def repl(chat: Chat, settings: SamplingSettings) -> None:
+    print(HELP)
+    while True:
+        try:
+            prompt = input(">>> ")
+        except EOFError:
+            print()
+            return
+        words = prompt.split()
+        if prompt.strip() in ("/quit", "/exit"):
+            return
+        if prompt.strip() == "/settings":
+            print(dataclasses.asdict(settings))
+        elif words and words[0] == "/set" and len(words) == 3:
+            try:
+                set_setting(settings, words[1], words[2])
+            except ConfigError as e:
+                print(f"error: {e}")
+        elif prompt.startswith("/"):
+            print(HELP)
+        elif prompt.strip():
+            print(prompt, end="", flush=True)
+            chat.complete(prompt, settings, StreamPrinter(chat.tokenizer))
+            print()
+
+
+def main(argv: list[str]) -> None:
+    path = argv[0] if argv and "=" not in argv[0] else ""
+    options = parse_overrides(argv[1:] if path else argv)
+    device, seed = options.pop("device", "auto"), options.pop("seed", None)
+    settings = SamplingSettings()
+    for key, value in options.items():
+        set_setting(settings, key, value)
+    chat = Chat(resolve_checkpoint(path), device)
+    settings.eos_id = chat.tokenizer.eos_token_id
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    if sys.stdin.isatty():
+        repl(chat, settings)
+    else:
+        for line in sys.stdin:
+            if line.strip():
+                print(chat.complete(line.rstrip("\n"), settings).replace("\n", " "), flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

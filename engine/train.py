@@ -1,0 +1,247 @@
+"""The training loop shared by every phase: python -m engine.train [CONFIG.yaml] [key=value ...]
+
+Reads top to bottom: build the phase's model, open data, (resume), then per step: micro-batches under
+autocast, backward, clip, AdamW, log, evaluate, save. The phase decides the model and the loss only.
+"""
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.cli import run_cli
+from engine.config import Config, dump_config, load_config
+from phases import get_phase
+
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12}
+
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. the loss keeps diverging); the message says what to change."""
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to learning_rate, then cosine decay to min_lr at max_steps. Steps count from 1."""
+    if step <= cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device=cuda but CUDA is not available: run `make check-env`, or use device=cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not norms), fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = cfg.use_fused_optimizer and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA; CPU runs in fp32 so tests are exact and portable."""
+    if device.type == "cuda" and cfg.use_mixed_precision:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Owns one run: model, optimizer, data streams, counters, run folder."""
+
+    def __init__(self, cfg: Config):
+        from data.loader import open_data
+
+        self.cfg = cfg
+        self.phase = get_phase(cfg.phase)
+        self.device = pick_device(cfg)
+        self.out_dir = Path(cfg.out_dir)
+        self.saving = cfg.fast_dev_run == 0
+        torch.manual_seed(cfg.seed)
+        self.train_data = open_data(cfg.data, "train", cfg.n_seq, cfg.seed, cfg.vocab_size, cfg.tokenizer)
+        self.val_data = open_data(cfg.data, "val", cfg.n_seq, cfg.seed, cfg.vocab_size, cfg.tokenizer)
+        if self.train_data.vocab_size > cfg.vocab_size:
+            raise TrainingError(f"the data's tokenizer has {self.train_data.vocab_size} ids but vocab_size="
+                                f"{cfg.vocab_size}: set vocab_size={self.train_data.vocab_size} or larger")
+        self.model = self.phase.build_model(cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
+        self.log: list[dict] = []
+        if cfg.resume:
+            self.resume(cfg.resume)
+        self.compiled = self.model
+        if cfg.use_compile:
+            if self.device.type == "cuda":
+                self.compiled = torch.compile(self.model)
+            else:
+                print("use_compile ignored on CPU")
+        self.eval_loss = self.phase.eval_loss or self.phase.loss
+        self.flops_per_token = self.model.flops_per_token(cfg.n_seq)
+        self.peak_flops = peak_flops(self.device)
+
+    def resume(self, path: str) -> None:
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        ckpt.check_compatible(state, self.cfg, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val_loss = state["best_val_loss"]
+        ckpt.restore_rng(state["rng"])
+        log_file = self.out_dir / "training_log.json"
+        if log_file.is_file():  # keep the history up to the checkpoint; later records are replayed
+            import json
+            self.log = [r for r in json.loads(log_file.read_text()) if r["step"] <= self.step]
+        print(f"Resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "phase": self.cfg.phase,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_position": self.step * self.cfg.gradient_accumulation_steps,  # micro-batches drawn
+            "best_val_loss": self.best_val_loss,
+            "rng": ckpt.rng_state(),
+            "tokenizer": self.cfg.tokenizer,
+        }
+
+    def save(self, name: str) -> None:
+        if self.saving:
+            ckpt.save_checkpoint(self.out_dir / f"{self.cfg.phase}_{name}.pt", self.checkpoint_state())
+
+    def batch(self, stream, index: int) -> torch.Tensor:
+        tokens = stream.batch(index, self.cfg.batch_size)
+        if self.device.type == "cuda":
+            return tokens.pin_memory().to(self.device, non_blocking=True)
+        return tokens.to(self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        with autocast_for(self.cfg, self.device):
+            for i in range(self.cfg.eval_batches):
+                total += self.eval_loss(self.compiled, self.batch(self.val_data, i)).float()
+        self.model.train()
+        return total.item() / self.cfg.eval_batches
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns (loss, grad norm)."""
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step + 1, cfg)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            batch = self.batch(self.train_data, self.step * accum + micro)
+            with autocast_for(cfg, self.device):
+                loss = self.phase.loss(self.compiled, batch) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return loss_sum, grad_norm
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.saving:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_config(cfg))
+        self.print_header()
+        self.model.train()
+        bad_steps, window_start, window_tokens = 0, time.perf_counter(), 0
+        last_step = cfg.fast_dev_run if cfg.fast_dev_run else cfg.max_steps
+        while self.step < last_step:
+            loss, grad_norm = self.train_step()
+            # One host sync per optimizer step (never per micro-step): skip non-finite updates.
+            if not torch.isfinite(loss + grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                print(f"Step {self.step + 1:6d} | non-finite loss or gradient: update skipped "
+                      f"({bad_steps}/{cfg.max_bad_steps})")
+                if bad_steps >= cfg.max_bad_steps:
+                    raise TrainingError(f"loss was NaN/Inf for {bad_steps} steps in a row at step {self.step + 1}:"
+                                        f" lower learning_rate or check the data; checkpoints in {self.out_dir}"
+                                        " are from before the divergence")
+                continue
+            bad_steps = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += cfg.tokens_per_step()
+            window_tokens += cfg.tokens_per_step()
+
+            val_loss = None
+            if self.step % cfg.eval_every == 0 or self.step == last_step:
+                val_loss = self.evaluate()
+            if self.step % cfg.log_every == 0 or val_loss is not None:
+                elapsed = time.perf_counter() - window_start
+                self.log_step(loss.item(), grad_norm.item(), elapsed, window_tokens, val_loss)
+                window_start, window_tokens = time.perf_counter(), 0
+            if val_loss is not None and val_loss < self.best_val_loss:
+                self.best_val_loss = val_loss
+                self.save("best")
+            if self.step % cfg.save_every == 0:
+                self.save(f"step_{self.step}")
+        self.save("final")
+        if self.saving:
+            print(f"Done: step {self.step}, checkpoints in {self.out_dir}/")
+
+    def log_step(self, loss, grad_norm, elapsed, window_tokens, val_loss) -> None:
+        steps = window_tokens // self.cfg.tokens_per_step()
+        tok_per_s = window_tokens / elapsed
+        line = (f"Step {self.step:6d} | Loss: {loss:.4f} | PPL: {math.exp(min(loss, 50)):.2f} | "
+                f"LR: {lr_at(self.step, self.cfg):.2e} | Grad: {grad_norm:.3f} | Time: {elapsed / steps:.2f}s"
+                f" | tok/s: {tok_per_s:,.0f}")
+        record = {"step": self.step, "loss": loss, "lr": lr_at(self.step, self.cfg), "grad_norm": grad_norm,
+                  "time": elapsed / steps, "tokens": self.tokens_seen, "tok_per_s": tok_per_s}
+        if self.peak_flops:
+            record["mfu"] = tok_per_s * self.flops_per_token / self.peak_flops
+            line += f" | MFU: {record['mfu']:.2f}"
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+            line += f" | Val: {val_loss:.4f}"
+        print(line, flush=True)
+        self.log.append(record)
+        if self.saving:
+            ckpt.save_json(self.out_dir / "training_log.json", self.log)
+
+    def print_header(self) -> None:
+        cfg, model = self.cfg, self.model
+        print(f"phase {cfg.phase} | {model.num_params(exclude_embedding=False) / 1e6:.1f}M params "
+              f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
+              f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
+              f"{cfg.tokens_per_step():,} tokens/step | {cfg.max_steps} steps -> {cfg.out_dir}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    config_path = argv[0] if argv and "=" not in argv[0] else None
+    cfg = load_config(config_path, argv[1:] if config_path else argv)
+    if cfg.print_config:
+        print(dump_config(cfg), end="")
+        return
+    Trainer(cfg).fit()
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

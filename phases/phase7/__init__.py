@@ -1,0 +1,43 @@
+"""Phase 7: dense Llama-style causal LM, next-token objective, KV-cache sampler."""
+
+import torch
+import torch.nn.functional as F
+
+from engine.sampling import SamplingSettings, sample
+from phases import Phase
+from phases.phase7.model import Transformer
+
+
+def build_model(cfg) -> Transformer:
+    return Transformer(cfg, causal=True)
+
+
+def next_token_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]."""
+    hidden = model.hidden_states(batch[:, :-1])
+    logits = model.lm_head(hidden).float()
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSettings, on_token=None):
+    """Autoregressive sampling with a KV cache. prompt: (1, T). Returns the new ids (1, N)."""
+    max_len = model.rope_cos.shape[0]
+    budget = min(settings.max_new_tokens, max_len - 1)
+    prompt = prompt[:, -(max_len - budget):]  # keep the prompt's tail when it would not fit
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + budget)
+    logits = model(prompt, cache=cache, start=0)[:, -1]
+    position, new_ids = prompt.shape[1], []
+    for _ in range(budget):
+        token = sample(logits, settings)
+        new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if settings.eos_id is not None and bool((token == settings.eos_id).all()):
+            break
+        logits = model(token[:, None], cache=cache, start=position)[:, -1]
+        position += 1
+    return torch.stack(new_ids, dim=1) if new_ids else prompt[:, :0]
+
+
+PHASE = Phase(name="phase7", build_model=build_model, loss=next_token_loss, generate=generate)

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+
+from engine.config import ConfigError, load_config
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_yaml_then_overrides_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("d_model: 64\nn_heads: 4\nlearning_rate: 3e-4\nuse_compile: false\n")
+    cfg = load_config(str(path), ["n_layers=3", "learning_rate=1e-3", "use_compile=true", "max_steps=1e3"])
+    assert (cfg.d_model, cfg.n_layers, cfg.max_steps) == (64, 3, 1000)
+    assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)  # YAML reads 3e-4 as a string
+    assert cfg.use_compile is True
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat'.*learning_rate"):
+        load_config(None, ["learning_rat=1e-3"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("d_modle: 64\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*d_modle.*d_model"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("n_layers=two", "expects int"),
+    ("n_layers=2.5", "expects int"),
+    ("learning_rate=fast", "expects float"),
+    ("use_compile=maybe", "expects bool"),
+    ("n_layers", "expected key=value"),
+    ("attention=magic", "must be one of"),
+    ("d_model=102", "divisible by n_heads"),
+    ("batch_size=0", "must be > 0"),
+])
+def test_bad_values_are_named(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+    for path in sorted(Path(ROOT, "configs").glob("*.yaml")):
+        load_config(str(path))
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_print_config_prints_resolved_values_and_exits():
+    result = run_train("configs/phase7_test.yaml", "print_config=true", "n_layers=7")
+    assert result.returncode == 0, result.stderr
+    assert "n_layers: 7" in result.stdout and "d_model: 128" in result.stdout
+
+
+def test_cli_error_is_one_line_without_traceback():
+    result = run_train("configs/phase7_test.yaml", "n_layer=7")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["error: unknown config key 'n_layer'. Did you mean: n_layers?"]

@@ -1,0 +1,95 @@
+import torch
+
+from engine.config import load_config
+from engine.sampling import SamplingSettings, filter_logits
+from phases.phase7 import build_model, generate, next_token_loss
+from phases.phase7.export import to_hf
+
+TINY = ["vocab_size=97", "d_model=64", "n_heads=4", "n_layers=2", "n_seq=40", "ffn_dim=96"]
+
+
+def tiny(*extra):
+    torch.manual_seed(0)
+    return build_model(load_config(None, TINY + list(extra)))
+
+
+def test_future_tokens_do_not_change_past_logits():
+    for backend in ("sdpa", "eager"):
+        model = tiny(f"attention={backend}").eval()
+        x = torch.randint(0, 97, (2, 30))
+        changed = x.clone()
+        changed[:, 20:] = torch.randint(0, 97, (2, 10))
+        a, b = model(x), model(changed)
+        torch.testing.assert_close(a[:, :20], b[:, :20])
+        assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_attention_backends_agree():
+    x = torch.randint(0, 97, (2, 33))
+    torch.testing.assert_close(tiny("attention=sdpa")(x), tiny("attention=eager")(x), atol=1e-5, rtol=1e-4)
+
+
+def test_export_to_hf_llama_is_a_rename_with_same_logits():
+    model = tiny("n_kv_heads=2").eval()
+    hf = to_hf(model.cfg, model.state_dict()).eval()
+    x = torch.randint(0, 97, (2, 25))
+    torch.testing.assert_close(model(x), hf(x).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny()
+    batch = torch.randint(0, 97, (4, 41))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = next_token_loss(model, batch).item()
+    for _ in range(150):
+        loss = next_token_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 4.0 and loss.item() < 0.1
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    batch = torch.randint(0, 97, (2, 41))
+    grads = []
+    for flag in ("false", "true"):
+        model = tiny(f"use_gradient_checkpointing={flag}")
+        next_token_loss(model, batch).backward()
+        grads.append(model.layers[0].mlp.up_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_kv_cache_generation_equals_full_recompute():
+    model = tiny().eval()
+    prompt = torch.randint(0, 97, (1, 7))
+    cached = generate(model, prompt, SamplingSettings(temperature=0, max_new_tokens=12))
+    ids = prompt
+    for _ in range(12):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids[:, 7:])
+
+
+def test_generation_stops_at_eos_and_fits_the_context():
+    model = tiny().eval()
+    long_prompt = torch.randint(0, 97, (1, 60))  # longer than n_seq=40: the tail is kept
+    out = generate(model, long_prompt, SamplingSettings(temperature=1.0, max_new_tokens=100))
+    assert 1 <= out.shape[1] <= 39
+    first = generate(model, long_prompt[:, :5], SamplingSettings(temperature=0, max_new_tokens=5))
+    stopped = generate(model, long_prompt[:, :5], SamplingSettings(temperature=0, max_new_tokens=5,
+                                                                   eos_id=int(first[0, 0])))
+    assert stopped.shape[1] == 1
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True, True]]
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
+    kept = ~torch.isinf(filter_logits(logits, 0, float(probs[0] + 0.01)))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    assert (~torch.isinf(filter_logits(logits, 0, 0.1))).sum() == 1  # the top token always stays
+
+
+def test_flops_per_token_counts_non_embedding_params():
+    model = tiny()
+    n = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()
+    assert model.flops_per_token(40) == 6 * n + 12 * 2 * 64 * 40
