@@ -26,6 +26,10 @@ class Config:
     resume: str = ""  # checkpoint to continue from (Make's CHECKPOINT=)
     print_config: bool = False  # print the resolved config and exit
     fast_dev_run: int = 0  # >0: run this many steps, save nothing
+    experiment: str = ""  # a name for the run in logs and wandb
+    tags: str = ""  # comma-separated, for wandb
+    notes: str = ""
+    logger: str = "json"  # json | wandb (training_log.json is always written)
 
     # --- data ---
     data: str = "data/lite"  # packed-shard folder | dummy | recipe .yaml | text files | hf:<name>
@@ -46,6 +50,7 @@ class Config:
 
     # --- optimisation ---
     max_steps: int = 1000
+    flops_budget: float = 0.0  # >0 sets max_steps = budget / (6 N x tokens per step), N = non-embedding params
     batch_size: int = 8  # sequences per micro-step
     gradient_accumulation_steps: int = 1
     learning_rate: float = 3e-4
@@ -56,6 +61,9 @@ class Config:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still reported)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+    # --- masked diffusion (phase mdm) ---
+    mdm_eps: float = 1e-3  # noise levels t are drawn from U(mdm_eps, 1)
 
     # --- switches (the seed's names) ---
     use_mixed_precision: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
@@ -174,7 +182,8 @@ def validate(cfg: Config) -> None:
     kv_heads = cfg.n_kv_heads or cfg.n_heads
     if cfg.n_heads % kv_heads:
         raise ConfigError(f"n_heads ({cfg.n_heads}) must be divisible by n_kv_heads ({kv_heads})")
-    choices = {"attention": ["triton", "sdpa", "eager", "flash_attn"], "device": ["auto", "cuda", "cpu"]}
+    choices = {"attention": ["triton", "sdpa", "eager", "flash_attn"], "device": ["auto", "cuda", "cpu"],
+               "logger": ["json", "wandb"]}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")

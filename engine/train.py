@@ -5,6 +5,7 @@ autocast, backward, clip, AdamW, log, evaluate, save. The phase decides the mode
 """
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -30,6 +31,17 @@ def lr_at(step: int, cfg: Config) -> float:
         return cfg.learning_rate * step / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def steps_for_budget(cfg: Config, n_params: int) -> int:
+    """max_steps from a compute budget, C = 6 N D (N: parameters other than the input embedding)."""
+    flops_per_step = 6 * n_params * cfg.tokens_per_step()
+    steps = int(cfg.flops_budget // flops_per_step)
+    if steps < 1:
+        raise TrainingError(f"flops_budget={cfg.flops_budget:.3g} is less than one step "
+                            f"({flops_per_step:.3g} FLOPs = 6 x {n_params:,} params x {cfg.tokens_per_step():,}"
+                            " tokens): raise the budget or shrink the model or batch")
+    return steps
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -65,6 +77,15 @@ def autocast_for(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def open_wandb(cfg: Config):
+    """A wandb run, online only when the user is logged in, so a run never blocks on the network."""
+    import wandb
+
+    mode = "online" if wandb.api.api_key else "offline"
+    return wandb.init(project="llm-pretrain", name=cfg.experiment or Path(cfg.out_dir).name, dir=cfg.out_dir,
+                      tags=[t for t in cfg.tags.split(",") if t], notes=cfg.notes, config=cfg.to_dict(), mode=mode)
+
+
 class Trainer:
     """Owns one run: model, optimizer, data streams, counters, run folder."""
 
@@ -72,6 +93,10 @@ class Trainer:
         from data.loader import open_data
 
         self.cfg = cfg
+        resume_state = None
+        if cfg.resume:  # check before building anything, so a wrong checkpoint fails fast
+            resume_state = ckpt.load_checkpoint(cfg.resume)
+            ckpt.check_compatible(resume_state, cfg, cfg.resume)
         self.phase = get_phase(cfg.phase)
         self.device = pick_device(cfg)
         self.out_dir = Path(cfg.out_dir)
@@ -83,11 +108,13 @@ class Trainer:
             raise TrainingError(f"the data's tokenizer has {self.train_data.vocab_size} ids but vocab_size="
                                 f"{cfg.vocab_size}: set vocab_size={self.train_data.vocab_size} or larger")
         self.model = self.phase.build_model(cfg).to(self.device)
+        if cfg.flops_budget > 0:
+            cfg.max_steps = steps_for_budget(cfg, self.model.num_params())
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
         self.log: list[dict] = []
-        if cfg.resume:
-            self.resume(cfg.resume)
+        if resume_state is not None:
+            self.resume(resume_state)
         self.compiled = self.model
         if cfg.use_compile:
             if self.device.type == "cuda":
@@ -98,9 +125,7 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.n_seq)
         self.peak_flops = peak_flops(self.device)
 
-    def resume(self, path: str) -> None:
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_compatible(state, self.cfg, path)
+    def resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -108,9 +133,8 @@ class Trainer:
         ckpt.restore_rng(state["rng"])
         log_file = self.out_dir / "training_log.json"
         if log_file.is_file():  # keep the history up to the checkpoint; later records are replayed
-            import json
             self.log = [r for r in json.loads(log_file.read_text()) if r["step"] <= self.step]
-        print(f"Resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        print(f"Resumed from {self.cfg.resume} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     def checkpoint_state(self) -> dict:
         return {
@@ -168,6 +192,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_config(cfg))
         self.print_header()
+        self.wandb = open_wandb(cfg) if cfg.logger == "wandb" and self.saving else None
         self.model.train()
         bad_steps, window_start, window_tokens = 0, time.perf_counter(), 0
         last_step = cfg.fast_dev_run if cfg.fast_dev_run else cfg.max_steps
@@ -204,6 +229,8 @@ class Trainer:
             if self.step % cfg.save_every == 0:
                 self.save(f"step_{self.step}")
         self.save("final")
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.saving:
             print(f"Done: step {self.step}, checkpoints in {self.out_dir}/")
 
@@ -218,17 +245,25 @@ class Trainer:
         if self.peak_flops:
             record["mfu"] = tok_per_s * self.flops_per_token / self.peak_flops
             line += f" | MFU: {record['mfu']:.2f}"
+        if self.cfg.flops_budget > 0:
+            record["flops"] = 6 * self.model.num_params() * self.tokens_seen
+            line += f" | FLOPs: {record['flops']:.2e}"
         if val_loss is not None:
             record["val_loss"] = val_loss
             line += f" | Val: {val_loss:.4f}"
         print(line, flush=True)
         self.log.append(record)
+        if self.wandb is not None:
+            self.wandb.log(record, step=self.step)
         if self.saving:
             ckpt.save_json(self.out_dir / "training_log.json", self.log)
 
     def print_header(self) -> None:
         cfg, model = self.cfg, self.model
-        print(f"phase {cfg.phase} | {model.num_params(exclude_embedding=False) / 1e6:.1f}M params "
+        if cfg.flops_budget > 0:
+            print(f"flops_budget {cfg.flops_budget:.3g} = 6 x {model.num_params():,} params x "
+                  f"{cfg.max_steps * cfg.tokens_per_step():,} tokens -> {cfg.max_steps} steps")
+        print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {cfg.phase} | {model.num_params(exclude_embedding=False) / 1e6:.1f}M params "
               f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
               f"{cfg.tokens_per_step():,} tokens/step | {cfg.max_steps} steps -> {cfg.out_dir}", flush=True)

@@ -1,0 +1,156 @@
+"""make bench-phase7-1.5b: training throughput of phase 7 at 1.44B on this GPU, optionally against a peer.
+
+Times optimizer steps of the real engine (engine.train.Trainer on dummy data) after warm-up and reports
+tok/s, MFU, peak memory, and the deepest model of this width that fits. With --peer, transformers'
+LlamaForCausalLM with the same dims (bf16 autocast, fused AdamW, SDPA, torch.compile) runs in the same
+process, so the ratio is meaningful. Results are appended to bench/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import load_config
+from engine.train import Trainer, autocast_for, build_optimizer, peak_flops
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+CONFIG = "configs/phase7_1.5b_triton.yaml"
+
+
+def bench_overrides(args) -> list[str]:
+    return [f"batch_size={args.batch_size}", "gradient_accumulation_steps=1", "data=dummy", "device=cuda",
+            "fast_dev_run=1", "warmup_steps=1", *args.overrides]
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    """Seconds per call of step() after warm-up (compilation happens in warm-up)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def run_ours(args, n_layers=None) -> dict:
+    overrides = bench_overrides(args) + ([f"n_layers={n_layers}"] if n_layers else [])
+    trainer = Trainer(load_config(CONFIG, overrides))
+
+    def step():
+        trainer.train_step()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return measure("ours (phase7)", trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), step, args)
+
+
+def run_peer(args) -> dict:
+    from phases.phase7.export import llama_config
+
+    cfg = load_config(CONFIG, bench_overrides(args))
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = llama_config(cfg)
+    hf_cfg._attn_implementation = "sdpa"
+    device = torch.device("cuda")
+    model = LlamaForCausalLM(hf_cfg).to(device)
+    model.gradient_checkpointing_enable() if cfg.use_gradient_checkpointing else None
+    optimizer = build_optimizer(model, cfg, device)
+    compiled = torch.compile(model)
+    flops = 6 * (sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()) \
+        + 12 * cfg.n_layers * cfg.d_model * cfg.n_seq
+
+    def step():
+        ids = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.n_seq), device=device)
+        with autocast_for(cfg, device):
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return measure("HF Llama + torch.compile", cfg, flops, step, args)
+
+
+def measure(name, cfg, flops_per_token, step, args) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    seconds = time_steps(step, args.warmup, args.steps)
+    tok_per_s = cfg.batch_size * cfg.n_seq / seconds
+    peak = peak_flops(torch.device("cuda"))
+    return {"name": name, "tok_per_s": tok_per_s, "mfu": tok_per_s * flops_per_token / peak if peak else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_layers": cfg.n_layers}
+
+
+def deepest_that_fits(args) -> int:
+    """Binary search on n_layers at this width; an OOM means too deep."""
+    low, high = 0, 4 * 24
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            run_ours(argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1}), n_layers=mid)
+            low = mid
+        except torch.cuda.OutOfMemoryError:
+            high = mid - 1
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return low
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | layers | tok/s | MFU | peak GiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] else "-"
+        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer", action="store_true", help="also time HF Llama + torch.compile")
+    parser.add_argument("--mem-gb", type=float, help="cap this process to this many GiB of GPU memory")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-depth-search", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides for our model")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: bench-phase7-1.5b needs a CUDA GPU (CPU machines: make train-phase7-test)", file=sys.stderr)
+        return 1
+    if args.mem_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gb * 2**30 / total))
+    rows = [run_ours(args)]
+    if args.peer:
+        torch._dynamo.reset()
+        rows.append(run_peer(args))
+    print(table(rows))
+    if args.peer:
+        print(f"ours / peer: {rows[0]['tok_per_s'] / rows[1]['tok_per_s']:.2f}x")
+    depth = None if args.no_depth_search else deepest_that_fits(args)
+    if depth is not None:
+        print(f"deepest phase 7 at d_model 2048 that fits{f' in {args.mem_gb} GiB' if args.mem_gb else ''}: "
+              f"{depth} layers")
+    record(rows, depth, args)
+    return 0
+
+
+def record(rows, depth, args) -> None:
+    device = torch.cuda.get_device_name(0)
+    with RESULTS.open("a") as f:
+        f.write(f"\n## bench-phase7-1.5b, {datetime.date.today()}\n\n"
+                f"`{' '.join(['python -m bench.phase7', *sys.argv[1:]])}` on {device}, torch {torch.__version__}, "
+                f"Python {platform.python_version()}, micro-batch {args.batch_size} x 1024 tokens\n\n"
+                f"{table(rows)}\n")
+        if depth is not None:
+            f.write(f"\nDeepest model at d_model 2048 that fits: {depth} layers\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

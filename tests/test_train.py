@@ -1,0 +1,127 @@
+"""The engine end to end on CPU with dummy data: logging, checkpoints, exact resume, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from engine.config import load_config
+from engine.train import Trainer, TrainingError, lr_at
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+TINY = ["data=dummy", "vocab_size=64", "n_seq=16", "d_model=32", "n_heads=2", "n_layers=2", "ffn_dim=64",
+        "batch_size=2", "gradient_accumulation_steps=2", "warmup_steps=2", "log_every=1", "eval_every=3",
+        "eval_batches=2", "save_every=3", "learning_rate=1e-2"]
+
+
+def train(tmp_path, *extra, run="run"):
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path / run}", *extra])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in json.loads((run_dir / "training_log.json").read_text())]
+
+
+def test_run_writes_log_checkpoints_and_config(tmp_path, capsys):
+    train(tmp_path, "max_steps=6")
+    run = tmp_path / "run"
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["config.yaml", "phase7_best.pt", "phase7_final.pt", "phase7_step_3.pt", "phase7_step_6.pt",
+                     "training_log.json"]
+    log = json.loads((run / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "grad_norm", "time", "tokens"} <= set(log[0])
+    assert "val_loss" in log[2] and "val_loss" not in log[1]
+    assert log[-1]["tokens"] == 6 * 2 * 2 * 16
+    out = capsys.readouterr().out
+    assert "Step      6 | Loss: " in out and " | PPL: " in out and " | LR: " in out and " | tok/s: " in out
+    state = load_checkpoint(run / "phase7_step_3.pt")
+    assert state["step"] == 3 and state["data_position"] == 6 and state["phase"] == "phase7"
+    assert set(state) >= {"model", "optimizer", "rng", "config", "tokenizer", "tokens_seen"}
+
+
+def test_resume_is_exact(tmp_path):
+    train(tmp_path, "max_steps=6", run="straight")
+    train(tmp_path, "max_steps=3", run="resumed")
+    train(tmp_path, "max_steps=6", f"resume={tmp_path / 'resumed' / 'phase7_step_3.pt'}", run="resumed")
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    a = load_checkpoint(tmp_path / "straight" / "phase7_final.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "phase7_final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = load_config(None, ["learning_rate=1e-3", "min_lr=1e-4", "warmup_steps=10", "max_steps=110"])
+    assert lr_at(5, cfg) == pytest.approx(5e-4)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_non_finite_loss_skips_updates_then_stops_without_touching_checkpoints(tmp_path, monkeypatch):
+    trainer = train(tmp_path, "max_steps=3")
+    final = tmp_path / "run" / "phase7_final.pt"
+    before = final.read_bytes()
+    cfg = load_config(None, TINY + [f"out_dir={tmp_path / 'run'}", "max_steps=9", "max_bad_steps=3",
+                                    f"resume={final}"])
+    trainer = Trainer(cfg)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    monkeypatch.setattr(trainer.phase, "loss", lambda model, batch: model(batch).sum() * float("nan"))
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
+        trainer.fit()
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert final.read_bytes() == before
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "config": {}})
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "config": {}, "bad": lambda: None})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_checkpoint_errors(tmp_path):
+    train(tmp_path, "max_steps=3")
+    final = tmp_path / "run" / "phase7_final.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(final.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=r"another model shape: d_model=32 \(config: 64\)"):
+        train(tmp_path, "max_steps=4", "d_model=64", f"resume={final}", run="other")
+    with pytest.raises(CheckpointError, match="'phase7' checkpoint; this run is phase 'mdm'"):
+        train(tmp_path, "max_steps=4", "phase=mdm", f"resume={final}", run="other")
+    assert find_latest(tmp_path / "run") == tmp_path / "run" / "phase7_best.pt"
+
+
+def test_fast_dev_run_saves_nothing(tmp_path):
+    train(tmp_path, "fast_dev_run=2", "max_steps=100")
+    assert not (tmp_path / "run").exists()
+
+
+def make(*args):
+    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_make_resume_without_checkpoint_is_a_clear_error():
+    result = make("train-phase7-1.5b-resume")
+    assert result.returncode != 0 and "CHECKPOINT=<path> is required" in result.stderr
+
+
+def test_missing_data_says_make_data_lite(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "engine.train", "configs/phase7_test.yaml",
+                             f"data={tmp_path / 'nothing'}", f"out_dir={tmp_path / 'run'}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "make data-lite" in result.stderr and "Traceback" not in result.stderr
