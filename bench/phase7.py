@@ -23,8 +23,9 @@ CONFIG = "configs/phase7_1.5b_triton.yaml"
 
 
 def bench_overrides(args) -> list[str]:
-    return [f"batch_size={args.batch_size}", "gradient_accumulation_steps=1", "data=dummy", "device=cuda",
-            "fast_dev_run=1", "warmup_steps=1", *args.overrides]
+    """The 1.5B recipe at micro-batch B without accumulation or checkpointing: the peer's settings."""
+    return [f"batch_size={args.batch_size}", "gradient_accumulation_steps=1", "use_gradient_checkpointing=false",
+            "data=dummy", "device=cuda", "fast_dev_run=1", "warmup_steps=1", *args.overrides]
 
 
 def time_steps(step, warmup: int, steps: int) -> float:
@@ -61,7 +62,6 @@ def run_peer(args) -> dict:
     hf_cfg._attn_implementation = "sdpa"
     device = torch.device("cuda")
     model = LlamaForCausalLM(hf_cfg).to(device)
-    model.gradient_checkpointing_enable() if cfg.use_gradient_checkpointing else None
     optimizer = build_optimizer(model, cfg, device)
     compiled = torch.compile(model)
     flops = 6 * (sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()) \
