@@ -54,8 +54,8 @@ verify-phase7: check-env ## check-env + kernels against their references + a 3-s
 triton-attn: $(ENV) ## check the Triton attention kernel against the reference; print error and timing
 	$(PYTHON) -m kernels.check_attention
 
-data-lite: $(ENV) ## small real corpus (Shakespeare + Milton), BPE tokenizer, packed shards in data/lite
-	$(PYTHON) -m data.prepare_lite $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
+data-lite: $(ENV) ## small real corpus (Shakespeare + Milton), BPE tokenizer, packed shards in data/lite [TOKENIZER=] [FORCE=1]
+	$(PYTHON) -m data.prepare_lite $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(FORCE),--force)
 
 data: $(ENV) ## tokenize a corpus: SOURCE= TOKENIZER= DEST= [SPLIT=] [PERCENTAGE=] [WORKERS=] [STRICT=1]
 	$(PYTHON) -m data.prepare --source "$(SOURCE)" --tokenizer "$(TOKENIZER)" --dest "$(DEST)" \
