@@ -1,0 +1,161 @@
+"""make bench-kernels: our Triton attention and RMSNorm against their peers, measured in the same process.
+
+Attention: ours, SDPA's FlashAttention-2 and cuDNN backends, and flash-attn when installed; forward and
+forward + backward, 16k tokens per call (batch = 16384 // seq), 16 heads. FLOPs: forward 4 B H S^2 D (half when
+causal), forward + backward 3.5x that. RMSNorm: 16384 x 2048 bf16, ours against F.rms_norm and torch.compile of
+the reference; bytes: forward 2 passes over the tensor (read x, write y), forward + backward 5 (and dy, x, dx).
+Each row also gives the floor: FLOPs at the H100's measured 739 TFLOP/s matmul rate, or bytes at 2.83 TB/s,
+and how close ours comes to it. The table is appended to bench/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from kernels.flash_attention import flash_attention
+from kernels.rms_norm import rms_norm, rms_norm_reference
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+MATMUL_FLOPS = 739e12  # H100 SXM dense bf16, as measured by a large cuBLAS matmul
+MEMORY_BYTES_PER_S = 2.83e12  # H100 SXM HBM3, as measured by a large copy
+TOKENS = 16384
+HEADS = 16
+
+
+def attention_peers():
+    """name -> fn(q, k, v, causal) in the (batch, seq, heads, dim) layout."""
+    def sdpa_with(backend):
+        def run(q, k, v, causal):
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal)
+            return out.transpose(1, 2)
+        return run
+
+    peers = {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
+             "SDPA FA2": sdpa_with(SDPBackend.FLASH_ATTENTION),
+             "SDPA cuDNN": sdpa_with(SDPBackend.CUDNN_ATTENTION)}
+    try:
+        from flash_attn import flash_attn_func
+        peers["flash-attn"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+    except ImportError:
+        pass
+    return peers
+
+
+def milliseconds(fn, leaves):
+    """Median time of fn after a first call (compilation, autotuning); None if this peer cannot run the case."""
+    try:
+        fn()
+        return do_bench(fn, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+    except RuntimeError as e:  # e.g. a backend that does not take this head_dim or dtype
+        print(f"  (skipped: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+        return None
+
+
+def bench_attention(seq, head_dim, causal, peers):
+    batch = TOKENS // seq
+    q, k, v, do = (torch.randn(batch, seq, HEADS, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    flops = 4 * batch * HEADS * seq * seq * head_dim / (2 if causal else 1)
+    case = f"attn S={seq} D={head_dim} B={batch} {'causal' if causal else 'bidir'}"
+    rows = []
+    for mode, mode_flops in [("fwd", flops), ("fwd+bwd", 3.5 * flops)]:
+        times = {}
+        for name, fn in peers.items():
+            if mode == "fwd":
+                call = lambda fn=fn: fn(q, k, v, causal)  # noqa: E731
+            else:
+                call = lambda fn=fn: fn(q, k, v, causal).backward(do)  # noqa: E731
+            times[name] = milliseconds(call, leaves)
+        rows.append(row(case, mode, times, mode_flops / MATMUL_FLOPS * 1e3, lambda ms: mode_flops / ms / 1e9,
+                        "TFLOP/s"))
+    return rows
+
+
+def bench_rms_norm(rows, hidden):
+    x, dy = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    leaves = [x.requires_grad_(), weight.requires_grad_()]
+    compiled = torch.compile(rms_norm_reference)
+    peers = {"ours": lambda: rms_norm(x, weight, 1e-6),
+             "F.rms_norm": lambda: F.rms_norm(x, (hidden,), weight, 1e-6),
+             "compiled ref": lambda: compiled(x, weight, 1e-6)}
+    tensor_bytes = x.numel() * x.element_size()
+    result = []
+    for mode, passes in [("fwd", 2), ("fwd+bwd", 5)]:
+        times = {}
+        for name, fn in peers.items():
+            call = fn if mode == "fwd" else (lambda fn=fn: fn().backward(dy))
+            times[name] = milliseconds(call, leaves)
+        moved = passes * tensor_bytes
+        result.append(row(f"rms_norm {rows}x{hidden} bf16", mode, times, moved / MEMORY_BYTES_PER_S * 1e3,
+                          lambda ms: moved / ms / 1e6, "GB/s"))
+    return result
+
+
+def row(case, mode, times, floor_ms, rate, unit):
+    """One table row: each provider's rate, the floor, ours as % of the floor, ours against the fastest peer."""
+    rates = {name: (f"{rate(ms):,.0f}" if ms else "n/a") for name, ms in times.items()}
+    peers = [ms for name, ms in times.items() if name != "ours" and ms]
+    ours = times["ours"]
+    return {"case": case, "mode": mode, "unit": unit, "rates": rates, "floor_ms": floor_ms,
+            "ours_ms": ours, "of_floor": f"{100 * floor_ms / ours:.0f}%" if ours else "n/a",
+            "vs_best_peer": f"{min(peers) / ours:.2f}x" if ours and peers else "n/a"}
+
+
+def table(rows):
+    providers = list(dict.fromkeys(name for r in rows for name in r["rates"]))
+    header = ["case", "mode", "unit", *providers, "ours ms", "floor ms", "ours % of floor", "ours vs best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["case"], r["mode"], r["unit"], *(r["rates"].get(p, "") for p in providers),
+                 f"{r['ours_ms']:.3f}" if r["ours_ms"] else "n/a", f"{r['floor_ms']:.3f}", r["of_floor"],
+                 r["vs_best_peer"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def record(markdown):
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n")
+    with RESULTS.open("a") as f:
+        f.write(f"\n## bench-kernels, {datetime.date.today()}\n\n"
+                f"`{' '.join(['python -m bench.bench_kernels', *sys.argv[1:]])}` on {torch.cuda.get_device_name()},"
+                f" torch {torch.__version__}, triton {triton.__version__}. Floors: FLOPs at "
+                f"{MATMUL_FLOPS / 1e12:.0f} TFLOP/s, bytes at {MEMORY_BYTES_PER_S / 1e12:.2f} TB/s; "
+                f"'ours vs best peer' > 1 means ours is faster.\n\n{markdown}\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seq 1k and 4k, head_dim 128 only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: bench-kernels needs a CUDA GPU; on CPU, check the kernels with make test or "
+              "make triton-attn", file=sys.stderr)
+        return 1
+    seqs = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    head_dims = [128] if args.quick else [64, 128]
+    peers = attention_peers()
+    rows = []
+    for seq in seqs:
+        for head_dim in head_dims:
+            for causal in (True, False):
+                rows += bench_attention(seq, head_dim, causal, peers)
+                print(f"  attention S={seq} D={head_dim} causal={causal} done", file=sys.stderr)
+    rows += bench_rms_norm(16384, 2048)
+    markdown = table(rows)
+    print(markdown)
+    record(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

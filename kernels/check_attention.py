@@ -1,0 +1,112 @@
+"""make triton-attn: the Triton attention kernel against the float64 reference, forward and gradients.
+
+The bar is PyTorch's own attention (SDPA) in the same dtype: each of out, dq, dk, dv may be off by at most twice
+SDPA's error plus a small floor, which holds in bf16 as in fp32. On CUDA the shapes are a training step's; without
+CUDA the kernel runs in Triton's interpreter on tiny shapes. Exits 1 on a mismatch.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+import torch.nn.functional as F
+
+from kernels.flash_attention import attention_reference, flash_attention, triton_available
+
+ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def sdpa(q, k, v, causal=True):
+    """The peer: PyTorch's fused attention in the inputs' dtype, in the same (batch, seq, heads, dim) layout."""
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def random_inputs(batch, n_q, heads, head_dim, dtype, device, n_k=None, seed=0):
+    """q, k, v and an output gradient in float64, on device."""
+    g = torch.Generator(device).manual_seed(seed)
+    shapes = [(batch, n_q, heads, head_dim)] + [(batch, n_k or n_q, heads, head_dim)] * 2 + [(batch, n_q, heads,
+                                                                                              head_dim)]
+    return [torch.randn(s, generator=g, device=device, dtype=torch.float64) for s in shapes]
+
+
+def output_and_grads(fn, q, k, v, do, causal, dtype):
+    """fn's output and (dq, dk, dv) for do, computed from q, k, v cast to dtype, returned in float64."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, causal=causal)
+    out.backward(do.to(dtype))
+    return [t.double() for t in (out, *(x.grad for x in leaves))]
+
+
+def max_errors(fn, q, k, v, do, causal, dtype, gold):
+    return [(a - b).abs().max().item() for a, b in zip(output_and_grads(fn, q, k, v, do, causal, dtype), gold)]
+
+
+def compare(q, k, v, do, causal, dtype):
+    """(ours, SDPA's) max errors against the float64 reference for out, dq, dk, dv, and whether ours pass."""
+    gold = output_and_grads(attention_reference, q, k, v, do, causal, torch.float64)
+    ours = max_errors(flash_attention, q, k, v, do, causal, dtype, gold)
+    peer = max_errors(sdpa, q, k, v, do, causal, dtype, gold)
+    ok = all(o <= 2 * p + ERROR_FLOOR[dtype] for o, p in zip(ours, peer))
+    return ours, peer, ok
+
+
+def seconds_per_call(fn, repeats):
+    """Wall time of fn after one warm-up call (which compiles and autotunes)."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def time_attention(q, k, v, do, causal, repeats):
+    """(forward, forward + backward) seconds per call."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    forward = seconds_per_call(lambda: flash_attention(q, k, v, causal=causal), repeats)
+    both = seconds_per_call(lambda: flash_attention(q, k, v, causal=causal).backward(do), repeats)
+    return forward, both
+
+
+def main() -> int:
+    if not triton_available():
+        # Without CUDA the kernels need Triton's interpreter, which Triton reads when it decorates them, and
+        # `python -m` imported the kernels package before this line ran: start again with it switched on.
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "kernels.check_attention", *sys.argv[1:]])
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        cases = [(4, 2048, 16, d, torch.bfloat16, c) for d in (64, 128) for c in (True, False)]
+        cases.append((2, 1000, 4, 64, torch.float16, True))  # a ragged length
+        repeats = 20
+        print(f"CUDA: {torch.cuda.get_device_name()}")
+    else:
+        # fp16, not bf16: the interpreter's tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584)
+        cases = [(2, 67, 2, 32, torch.float32, c) for c in (True, False)] + [(1, 67, 2, 32, torch.float16, True)]
+        repeats = 1
+        print("no CUDA: the kernels run in Triton's interpreter on tiny shapes (timings are the interpreter's)")
+    print(f"{'batch x seq x heads x dim':>26} {'dtype':>9} {'causal':>6}  {'max error ours / SDPA: ' + ', '.join(NAMES):<58}"
+          f" {'fwd ms':>8} {'fwd+bwd ms':>10}")
+    failed = 0
+    for batch, seq, heads, dim, dtype, causal in cases:
+        q, k, v, do = random_inputs(batch, seq, heads, dim, dtype, device)
+        ours, peer, ok = compare(q, k, v, do, causal, dtype)
+        forward, both = time_attention(*(t.to(dtype) for t in (q, k, v, do)), causal, repeats)
+        errors = ", ".join(f"{o:.1e}/{p:.1e}" for o, p in zip(ours, peer))
+        print(f"{f'{batch} x {seq} x {heads} x {dim}':>26} {str(dtype)[6:]:>9} {str(causal):>6}  {errors:<58}"
+              f" {forward * 1e3:>8.2f} {both * 1e3:>10.2f}  {'ok' if ok else 'MISMATCH'}")
+        failed += not ok
+    print("all match" if not failed else f"{failed} case(s) beyond 2x SDPA's error + {ERROR_FLOOR}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""FlashAttention-2 forward and backward in Triton, in flash_attn_func's layout: (batch, seq, heads, head_dim).
+
+Forward: a program owns BLOCK_M queries of one (batch, head) and streams the keys in blocks of BLOCK_N with an
+online softmax (running max and sum), so the seq x seq scores never exist in memory. It saves each query row's
+log-sum-exp, from which backward rebuilds the probabilities block by block.
+Backward is three kernels and no atomics, so gradients are deterministic: delta = rowsum(dO * O); a kernel that
+owns a block of keys and walks the queries (dK, dV); a kernel that owns a block of queries and walks the keys (dQ).
+Scores are kept in base 2 (log2(e) is folded into the softmax scale), so the kernels exponentiate with exp2.
+
+Causal attention skips the key blocks above the diagonal and masks only blocks on the diagonal or at a ragged end;
+all others run without masks. Causal needs as many keys as queries (flash_attn aligns unequal lengths
+bottom-right; nothing here needs that).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Read when the kernels below are decorated, as Triton does: the interpreter runs every autotune candidate
+# slowly, so it gets one small config that still has several blocks per sequence at test sizes.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(gpu, interpreted):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) choices as autotune configs."""
+    choices = [interpreted] if INTERPRET else gpu
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
+
+
+# Hopper: 128-query blocks and 8 warps (two warpgroups) with a 3-stage load pipeline. Compiled for sm_90 with
+# Triton 3.9, none of these spills registers at head_dim 128 (dK/dV's 64-row block spills 16 bytes: kept for 64).
+# Forward and dQ need BLOCK_N to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse.
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)], (32, 16, 4, 1))
+DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
+DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)], (32, 16, 4, 1))
+TUNE_KEY = ["N_CTX_Q", "N_CTX_K", "HEAD_DIM", "CAUSAL"]  # Triton adds the tensors' dtypes
+DELTA_BLOCK = 64
+
+
+@triton.jit
+def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d, lo, hi, N_CTX_K,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks in [lo, hi); MASKED for those on the diagonal or past the end."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = K + cols[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = V + cols[:, None] * stride_vs + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols < N_CTX_K)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < N_CTX_K)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = (cols < N_CTX_K)[None, :]
+            if CAUSAL:
+                keep = keep & (rows[:, None] >= cols[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        # Every row has met a key by now (blocks run left to right from key 0), so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, qk_scale,
+              stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+              stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+              H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: start them first so the tail of the grid is short
+        start_m = tl.num_programs(0) - 1 - start_m
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += bh.to(tl.int64) * N_CTX_Q
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < N_CTX_Q
+    q = tl.load(Q + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        diagonal = start_m * BLOCK_M
+        acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                                        0, diagonal, N_CTX_K, False, CAUSAL, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                                        diagonal, tl.minimum(diagonal + BLOCK_M, N_CTX_K), N_CTX_K,
+                                        True, CAUSAL, BLOCK_N, PRECISION)
+    else:
+        whole = N_CTX_K // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                                        0, whole, N_CTX_K, False, CAUSAL, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                                        whole, N_CTX_K, N_CTX_K, True, CAUSAL, BLOCK_N, PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+                    H, N_CTX_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O): the softmax backward's correction term, once per query row."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < N_CTX_Q
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N_CTX_Q + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m, offs_d,
+                       lo, hi, N_CTX_Q, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Accumulate one key block's dK, dV over the query blocks in [lo, hi), working on transposed scores."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        row_ok = rows < N_CTX_Q
+        q_ptrs = Q + rows[:, None] * stride_qs + offs_d[None, :]
+        do_ptrs = DO + rows[:, None] * stride_dos + offs_d[None, :]
+        if MASKED:
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + rows)
+            delta = tl.load(DELTA + rows)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            keep = row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (rows[None, :] >= cols[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                   H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh.to(tl.int64) * N_CTX_Q
+    DELTA += bh.to(tl.int64) * N_CTX_Q
+
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = (cols < N_CTX_K)[:, None]
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    whole = N_CTX_Q // BLOCK_M * BLOCK_M
+    if CAUSAL:  # queries before this key block do not see it; the diagonal block is masked, later ones are not
+        diagonal = tl.program_id(0) * BLOCK_N
+        below = diagonal + BLOCK_N
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
+                                    offs_d, diagonal, tl.minimum(below, N_CTX_Q), N_CTX_Q,
+                                    True, CAUSAL, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
+                                    offs_d, below, whole, N_CTX_Q, False, CAUSAL, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
+                                    offs_d, tl.maximum(whole, below), N_CTX_Q, N_CTX_Q,
+                                    True, CAUSAL, BLOCK_M, PRECISION)
+    else:
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
+                                    offs_d, 0, whole, N_CTX_Q, False, CAUSAL, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
+                                    offs_d, whole, N_CTX_Q, N_CTX_Q, True, CAUSAL, BLOCK_M, PRECISION)
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d, lo, hi,
+                   N_CTX_K, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Accumulate one query block's dQ over the key blocks in [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = K + cols[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = V + cols[:, None] * stride_vs + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(cols < N_CTX_K)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < N_CTX_K)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = (cols < N_CTX_K)[None, :]
+            if CAUSAL:
+                keep = keep & (rows[:, None] >= cols[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
+                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                 stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                 stride_dqb, stride_dqs, stride_dqh,
+                 H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first, as in forward
+        start_m = tl.num_programs(0) - 1 - start_m
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < N_CTX_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N_CTX_Q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_CTX_Q + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        diagonal = start_m * BLOCK_M
+        dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                            0, diagonal, N_CTX_K, False, CAUSAL, BLOCK_N, PRECISION)
+        dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                            diagonal, tl.minimum(diagonal + BLOCK_M, N_CTX_K), N_CTX_K,
+                            True, CAUSAL, BLOCK_N, PRECISION)
+    else:
+        whole = N_CTX_K // BLOCK_N * BLOCK_N
+        dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                            0, whole, N_CTX_K, False, CAUSAL, BLOCK_N, PRECISION)
+        dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, rows, offs_n, offs_d,
+                            whole, N_CTX_K, N_CTX_K, True, CAUSAL, BLOCK_N, PRECISION)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _strides(t):
+    """(batch, seq, head) strides; the kernels assume the head_dim stride is 1."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _precision(dtype):
+    """fp32 inputs multiply in full fp32 (TF32 would lose ~3 digits); fp16/bf16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_inputs(q, k, v, causal):
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"q, k, v must be (batch, seq, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} do not match "
+                         "(k and v must have q's batch, heads and head_dim; repeat grouped kv heads first)")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal attention needs as many keys as queries; got {q.shape[1]} and {k.shape[1]}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError("empty sequence")
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale):
+        B, n_q, H, D = q.shape
+        n_k = k.shape[1]
+        o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)  # base 2, scale folded in
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
+                        *_strides(o), H, n_q, n_k, HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, n_q, H, D = q.shape
+        n_k = k.shape[1]
+        do = _unit_last_stride(do)
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
+                                                                HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        scales = (ctx.softmax_scale * LOG2E, ctx.softmax_scale)
+        flags = dict(HEAD_DIM=D, CAUSAL=ctx.causal, PRECISION=_precision(q.dtype))
+        grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
+        _attn_bwd_dkdv[grid_k](q, k, v, do, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
+                               *_strides(do), *_strides(dk), *_strides(dv), H, n_q, n_k, **flags)
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
+                             *_strides(do), *_strides(dq), H, n_q, n_k, **flags)
+        return dq, dk, dv, None, None
+
+
+@torch.compiler.disable  # a compiled block runs it as it is, between its graphs: never traced, never miscompiled
+def flash_attention(q, k, v, causal=True, softmax_scale=None):
+    """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q, k, v (batch, seq, heads, head_dim).
+
+    fp16/bf16/fp32, head_dim in HEAD_DIMS, any sequence length; q, k, v on CUDA (or CPU under TRITON_INTERPRET=1).
+    """
+    _check_inputs(q, k, v, causal)
+    if not (q.is_cuda or isinstance(_attn_fwd.fn, InterpretedFunction)):
+        raise ValueError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return _FlashAttention.apply(q, k, v, causal, scale)
+
+
+def attention_reference(q, k, v, causal=True, softmax_scale=None):
+    """The same attention in plain PyTorch, computed in float32 (float64 for float64 inputs), in q's dtype."""
+    _check_inputs(q, k, v, causal)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q_, k_, v_ = (t.transpose(1, 2).to(compute) for t in (q, k, v))
+    scores = (q_ @ k_.transpose(-2, -1)) * scale
+    if causal:
+        n = q.shape[1]
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return (scores.softmax(-1) @ v_).transpose(1, 2).to(q.dtype)
+
+
+def triton_available() -> bool:
+    """Whether these kernels can run here: on CUDA, or on CPU tensors when Triton's interpreter was on at import.
+
+    Importing kernels needs triton (a Linux requirement); the model asks this before choosing the kernels.
+    """
+    return torch.cuda.is_available() or isinstance(_attn_fwd.fn, InterpretedFunction)

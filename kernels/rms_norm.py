@@ -1,0 +1,169 @@
+"""RMSNorm in Triton with Llama's rounding: normalise in fp32, cast to the input dtype, then scale by the weight.
+
+Forward: one program per row (the whole row in registers, BLOCK = next_power_of_2(hidden)); it saves 1/rms per
+row so backward does not reduce again. Backward: each program owns a run of rows, writes their dx and one fp32
+partial sum of dweight; the partials are summed afterwards (deterministic, no atomics).
+rms_norm_residual also adds the residual first and returns the sum, saving a pass over the tensor.
+The output dtype follows PyTorch's promotion of input and weight, as the reference's `normed * weight` does.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+MAX_BLOCK = 65536  # a row lives in registers: beyond this it would spill
+
+
+@triton.jit
+def _rms_norm_fwd(X, RES, W, Y, SUM, RSTD, stride_x, stride_res, stride_y, stride_sum, N, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0)
+    if HAS_RESIDUAL:  # round the sum to the input dtype first: it is what the caller gets back and normalises
+        x = (x.to(tl.float32) + tl.load(RES + row * stride_res + cols, mask=in_row, other=0.0).to(tl.float32))
+        x = x.to(SUM.dtype.element_ty)
+        tl.store(SUM + row * stride_sum + cols, x, mask=in_row)
+    x = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / N + eps)
+    normed = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=in_row)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, X, W, RSTD, DSUM, DX, DW_PARTIAL, stride_dy, stride_x, stride_dsum, stride_dx,
+                  n_rows, rows_per_program, N, HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat)) (+ the residual sum's gradient); dweight = sum dy * normed."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < N
+    w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    first = pid * rows_per_program
+    for i in range(first, tl.minimum(first + rows_per_program, n_rows)):
+        row = tl.cast(i, tl.int64)
+        x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0)
+        dy = tl.load(DY + row * stride_dy + cols, mask=in_row, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        x_hat = x.to(tl.float32) * rstd
+        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)  # the weight multiplied the rounded value
+        dn = dy * w
+        dx = rstd * (dn - x_hat * (tl.sum(dn * x_hat, 0) / N))
+        if HAS_DSUM:
+            dx += tl.load(DSUM + row * stride_dsum + cols, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=in_row)
+
+
+def _launch_settings(n):
+    block = triton.next_power_of_2(n)
+    if block > MAX_BLOCK:
+        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_BLOCK}; got {n}")
+    return block, min(16, max(4, block // 256))  # ~8 to 16 elements per thread at 2k to 8k
+
+
+def _rows(t, n):
+    """(rows, n) view with unit stride along the hidden dim, copying only if needed."""
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(x, residual, weight, eps):
+    if not (x.is_cuda or isinstance(_rms_norm_fwd, InterpretedFunction)):
+        raise ValueError("rms_norm needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight must have shape ({n},); got {tuple(weight.shape)}")
+    x2 = _rows(x, n)
+    res2 = _rows(residual, n) if residual is not None else x2
+    total = torch.empty_like(x2) if residual is not None else x2  # what gets normalised (and saved)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    block, warps = _launch_settings(n)
+    _rms_norm_fwd[(x2.shape[0],)](x2, res2, weight, y, total, rstd, x2.stride(0), res2.stride(0), y.stride(0),
+                                  total.stride(0), n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                  num_warps=warps)
+    return y.view(*x.shape[:-1], n), total, rstd
+
+
+def _backward(dy, total, weight, rstd, dsum, shape):
+    n = total.shape[-1]
+    dy2 = _rows(dy, n)
+    dsum2 = _rows(dsum, n) if dsum is not None else dy2
+    dx = torch.empty_like(total)
+    n_rows = total.shape[0]
+    programs = max(1, min(n_rows, 4 * _processor_count(total.device)))
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    partial = torch.empty((programs, n), dtype=torch.float32, device=total.device)
+    block, warps = _launch_settings(n)
+    _rms_norm_bwd[(programs,)](dy2, total, weight, rstd, dsum2, dx, partial, dy2.stride(0), total.stride(0),
+                               dsum2.stride(0), dx.stride(0), n_rows, rows_per_program, n,
+                               HAS_DSUM=dsum is not None, BLOCK=block, num_warps=warps)
+    return dx.view(shape), partial.sum(0).to(weight.dtype)
+
+
+def _processor_count(device):
+    """SMs on CUDA (enough programs to fill them, few dweight partials); a handful in the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, x2, rstd = _forward(x, None, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dweight = _backward(dy, x2, weight, rstd, None, ctx.shape)
+        return dx, dweight, None
+
+
+class _RMSNormResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, total, rstd = _forward(x, residual, weight, eps)
+        ctx.save_for_backward(total, weight, rstd)
+        ctx.shape = x.shape
+        return y, total.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dsum):
+        total, weight, rstd = ctx.saved_tensors
+        dx, dweight = _backward(dy, total, weight, rstd, dsum, ctx.shape)
+        return dx, dx, dweight, None
+
+
+@torch.compiler.disable  # as flash_attention: compiled blocks call it between their graphs
+def rms_norm(x, weight, eps=1e-6):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim; x fp16/bf16/fp32 of any leading shape."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+@torch.compiler.disable  # as flash_attention: compiled blocks call it between their graphs
+def rms_norm_residual(x, residual, weight, eps=1e-6):
+    """(rms_norm(x + residual), x + residual) in one pass: a pre-norm block's residual add and next norm."""
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual must match x: {tuple(residual.shape)} {residual.dtype} vs "
+                         f"{tuple(x.shape)} {x.dtype}")
+    return _RMSNormResidual.apply(x, residual, weight, eps)
+
+
+def rms_norm_reference(x, weight, eps=1e-6):
+    """Llama's RMSNorm: normalise in fp32 (fp64 for fp64 input), cast to x's dtype, multiply by the weight."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute)
+    return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rms_norm_residual_reference(x, residual, weight, eps=1e-6):
+    total = x + residual
+    return rms_norm_reference(total, weight, eps), total

@@ -1,0 +1,217 @@
+"""The Triton attention and RMSNorm kernels against their PyTorch references: outputs and every gradient.
+
+Without CUDA the kernels run on CPU tensors in Triton's interpreter, which Triton switches on when it decorates a
+kernel, i.e. when kernels is first imported: hence the environment variable set here, before any import of
+kernels. Interpreter cases are small (head_dim 16-32, tens of tokens) because it is slow; the cases marked gpu
+run at training sizes.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
+from kernels.flash_attention import _attn_fwd, attention_reference, flash_attention, triton_available  # noqa: E402
+from kernels.rms_norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
+                              rms_norm_residual_reference)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = isinstance(_attn_fwd.fn, InterpretedFunction)
+needs_triton = pytest.mark.skipif(not triton_available(), reason="kernels was imported before TRITON_INTERPRET=1 "
+                                  "was set (see test_kernels_run_in_the_interpreter_without_cuda)")
+
+
+def test_kernels_run_in_the_interpreter_without_cuda():
+    if DEVICE == "cuda":
+        pytest.skip("CUDA: the kernels are compiled")
+    assert INTERPRETED, ("kernels was imported before this module set TRITON_INTERPRET=1, so its kernels were made "
+                         "for a GPU: set TRITON_INTERPRET=1 in the environment, or import kernels lazily elsewhere")
+    assert triton_available()
+
+
+def skip_bf16_attention_in_interpreter(dtype):
+    if dtype == torch.bfloat16 and INTERPRETED:
+        pytest.skip("Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)")
+
+
+def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None):
+    q, k, v, do = random_inputs(batch, n_q, heads, head_dim, dtype, DEVICE, n_k=n_k)
+    ours, peer, ok = compare(q, k, v, do, causal, dtype)
+    assert ok, f"max errors out, dq, dk, dv: ours {ours}, SDPA {peer} (allowed: 2x SDPA + {ERROR_FLOOR[dtype]})"
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq", [1, 17, 130])
+def test_attention_float32_matches_float64_reference(seq, causal):
+    assert_attention_matches(2, seq, 2, 32, torch.float32, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,seq,causal", [(torch.float16, 130, True), (torch.float16, 17, False),
+                                              (torch.bfloat16, 130, True), (torch.bfloat16, 17, False)])
+def test_attention_half_precision_is_as_close_as_sdpa(dtype, seq, causal):
+    skip_bf16_attention_in_interpreter(dtype)
+    assert_attention_matches(2, seq, 2, 32, dtype, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim,seq,causal", [(16, 33, True), (64, 40, False)])
+def test_attention_other_head_dims(head_dim, seq, causal):
+    assert_attention_matches(1, seq, 2, head_dim, torch.float32, causal)
+
+
+@needs_triton
+def test_bidirectional_attention_with_more_keys_than_queries():
+    assert_attention_matches(2, 17, 2, 16, torch.float32, False, n_k=70)
+
+
+@needs_triton
+def test_attention_on_strided_views_with_a_custom_scale():
+    """q, k, v cut from one fused projection (batch, seq, 3, heads, dim): strided, as in a fused-qkv model."""
+    g = torch.Generator(DEVICE).manual_seed(1)
+    qkv = torch.randn(2, 50, 3, 2, 16, generator=g, device=DEVICE, requires_grad=True)
+    gold_qkv = qkv.detach().double().requires_grad_()
+    do = torch.randn(2, 50, 2, 16, generator=g, device=DEVICE)
+    out = flash_attention(*qkv.unbind(2), causal=True, softmax_scale=0.3)
+    gold = attention_reference(*gold_qkv.unbind(2), causal=True, softmax_scale=0.3)
+    out.backward(do)
+    gold.backward(do.double())
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(qkv.grad.double(), gold_qkv.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rejects_what_it_does_not_support():
+    q = torch.zeros(1, 8, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="as many keys"):
+        flash_attention(q, torch.zeros(1, 9, 2, 16), torch.zeros(1, 9, 2, 16), causal=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        flash_attention(*(torch.zeros(1, 8, 2, 24, device=DEVICE),) * 3)
+    with pytest.raises(ValueError, match="dtype"):
+        flash_attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="repeat grouped kv heads"):
+        flash_attention(q, q[:, :, :1], q[:, :, :1])
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------------------
+
+def norm_inputs(shape, dtype, seed=0):
+    """x, weight, residual, dy, dsum in float64 (weight around 1, as trained ones are)."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    x, residual, dy, dsum = (torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float64) for _ in range(4))
+    weight = 1 + 0.5 * torch.randn(shape[-1], generator=g, device=DEVICE, dtype=torch.float64)
+    return x, weight, residual, dy, dsum
+
+
+def norm_outputs_and_grads(fn, x, weight, dy, dtype, weight_dtype=None):
+    """fn(x, weight)'s output, dx and dweight, with x in dtype and weight in weight_dtype (default: dtype)."""
+    x = x.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(weight_dtype or dtype).requires_grad_()
+    y = fn(x, weight, eps=1e-6)
+    y.backward(dy.to(y.dtype))
+    return [t.double() for t in (y, x.grad, weight.grad)]
+
+
+def residual_outputs_and_grads(fn, x, residual, weight, dy, dsum, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, residual, weight)]
+    y, total = fn(*leaves, eps=1e-6)
+    torch.autograd.backward([y, total], [dy.to(dtype), dsum.to(dtype)])
+    return [t.double() for t in (y, total, *(leaf.grad for leaf in leaves))]
+
+
+def max_errors(results, gold):
+    return [(a - b).abs().max().item() for a, b in zip(results, gold)]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 8), (17, 100), (2, 3, 256), (4, 8192)])
+def test_rms_norm_float32_matches_float64_reference(shape):
+    x, weight, _, dy, _ = norm_inputs(shape, torch.float32)
+    ours = norm_outputs_and_grads(rms_norm, x, weight, dy, torch.float32)
+    gold = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, torch.float64)
+    for name, a, b in zip(["y", "dx", "dweight"], ours, gold):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32])  # float32: a float32 parameter under autocast
+def test_rms_norm_half_precision_is_as_close_as_the_reference(dtype, weight_dtype):
+    x, weight, _, dy, _ = norm_inputs((17, 100), dtype)
+    ours = norm_outputs_and_grads(rms_norm, x, weight, dy, dtype, weight_dtype)
+    peer = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, dtype, weight_dtype)
+    gold = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, torch.float64)
+    expected_dtype = torch.promote_types(dtype, weight_dtype or dtype)
+    assert rms_norm(x.to(dtype), weight.to(weight_dtype or dtype)).dtype == expected_dtype
+    for name, o, p in zip(["y", "dx", "dweight"], max_errors(ours, gold), max_errors(peer, gold)):
+        assert o <= 2 * p + ERROR_FLOOR[dtype], f"{name}: ours {o:.2e}, reference in {dtype} {p:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_residual_matches_reference(dtype):
+    x, weight, residual, dy, dsum = norm_inputs((3, 7, 96), dtype)
+    ours = residual_outputs_and_grads(rms_norm_residual, x, residual, weight, dy, dsum, dtype)
+    peer = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, dtype)
+    gold = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, torch.float64)
+    floor = 1e-5 if dtype == torch.float32 else ERROR_FLOOR[dtype]
+    names = ["normed", "x + residual", "dx", "dresidual", "dweight"]
+    for name, o, p in zip(names, max_errors(ours, gold), max_errors(peer, gold)):
+        assert o <= 2 * p + floor, f"{name}: ours {o:.2e}, reference in {dtype} {p:.2e}"
+
+
+@needs_triton
+def test_rms_norm_residual_when_only_the_normed_output_is_used():
+    x, weight, residual, dy, _ = norm_inputs((5, 64), torch.float32)
+    leaves = [t.float().requires_grad_() for t in (x, residual, weight)]
+    rms_norm_residual(*leaves)[0].backward(dy.float())
+    gold_leaves = [t.clone().requires_grad_() for t in (x, residual, weight)]
+    rms_norm_residual_reference(*gold_leaves)[0].backward(dy)
+    for ours, gold in zip(leaves, gold_leaves):
+        torch.testing.assert_close(ours.grad.double(), gold.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- GPU, training sizes -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq", [1024, 4096])
+def test_gpu_attention_bf16_at_training_sizes(seq, head_dim, causal):
+    assert_attention_matches(2, seq, 4, head_dim, torch.bfloat16, causal)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_ragged_fp16_and_deterministic_backward():
+    assert_attention_matches(2, 1000, 4, 128, torch.float16, True)
+    q, k, v, do = (t.half() for t in random_inputs(2, 1000, 4, 128, torch.float16, DEVICE))
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        flash_attention(*leaves, causal=True).backward(do)
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 2048), (1024, 8192)])
+def test_gpu_rms_norm_bf16_at_training_sizes(shape):
+    x, weight, residual, dy, dsum = norm_inputs(shape, torch.bfloat16)
+    gold = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, torch.float64)
+    peer = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, torch.bfloat16)
+    ours = norm_outputs_and_grads(rms_norm, x, weight, dy, torch.bfloat16)
+    for name, o, p in zip(["y", "dx", "dweight"], max_errors(ours, gold), max_errors(peer, gold)):
+        assert o <= 2 * p + ERROR_FLOOR[torch.bfloat16], f"{name}: ours {o:.2e}, reference in bf16 {p:.2e}"
+    gold = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, torch.float64)
+    peer = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, torch.bfloat16)
+    ours = residual_outputs_and_grads(rms_norm_residual, x, residual, weight, dy, dsum, torch.bfloat16)
+    for o, p in zip(max_errors(ours, gold), max_errors(peer, gold)):
+        assert o <= 2 * p + ERROR_FLOOR[torch.bfloat16]
