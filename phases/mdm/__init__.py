@@ -1,0 +1,80 @@
+"""Masked diffusion LM (SMDM / MDLM absorbing-state diffusion) on phase 7's blocks, run without the causal mask.
+
+Forward process: each token of a sequence becomes the mask token (id = vocab_size) with probability t.
+The bidirectional Transformer predicts the originals; the objective is MDLM's continuous-time bound
+
+    loss = sum over masked positions of CE / t, divided by (batch x sequence length)
+
+an upper bound on the negative log-likelihood per token (its exp bounds the perplexity), so the engine's
+loss and val loss read on the same scale as phase 7's next-token loss.
+The model never predicts the mask token: its lm_head row is left out of every softmax (MDLM's "zero
+masking probabilities"), which is the same as giving it a logit of -inf.
+"""
+
+import torch
+
+from kernels.linear_cross_entropy import linear_cross_entropy
+from phases import Phase
+from phases.mdm.sampler import generate, token_weight
+from phases.phase7.model import Transformer
+
+IGNORE = -100  # cross-entropy target of a position that stays visible: it adds nothing to the loss
+EVAL_LEVELS = 8  # noise levels in the fixed evaluation grid
+EVAL_SEED = 0  # masks at evaluation come from this seed, so every evaluation scores the same corruption
+
+
+def build_model(cfg) -> Transformer:
+    """Phase 7's Transformer, bidirectional, with one extra embedding row for the mask token."""
+    return Transformer(cfg, causal=False, vocab_size=cfg.vocab_size + 1)
+
+
+def noise_levels(batch: int, eps: float, device) -> torch.Tensor:
+    """t_i = eps + (1 - eps) * ((u + i / batch) mod 1): one draw per stratum of [eps, 1], so every batch
+    spans all noise levels and the loss has lower variance than with independent draws."""
+    u = (torch.rand((), device=device) + torch.arange(batch, device=device) / batch) % 1
+    return eps + (1 - eps) * u
+
+
+def corrupt(tokens: torch.Tensor, t: torch.Tensor, mask_id: int, generator=None):
+    """Absorbing-state forward process: token j of row i becomes mask_id with probability t[i].
+    Returns (noisy tokens, bool mask of the positions that were masked)."""
+    masked = torch.rand(tokens.shape, device=tokens.device, generator=generator) < t[:, None]
+    return torch.where(masked, mask_id, tokens), masked
+
+
+def diffusion_bound(model: Transformer, tokens: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+    """The bound for clean tokens (B, S) at per-row noise levels t (B,).
+
+    Visible positions get target IGNORE instead of being indexed out, so shapes stay static and the
+    step needs no host sync. The fused lm_head + cross-entropy never holds the (tokens x vocab) logits;
+    its softmax runs in fp32.
+    """
+    noisy, masked = corrupt(tokens, t, model.cfg.vocab_size, generator)
+    hidden = model.hidden_states(noisy).flatten(0, 1)
+    targets = torch.where(masked, tokens, IGNORE).flatten()
+    weights = (1 / t)[:, None].expand_as(tokens).flatten()
+    nll = linear_cross_entropy(hidden, token_weight(model), targets, weights, ignore_index=IGNORE, reduction="sum")
+    return nll / tokens.numel()
+
+
+def diffusion_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    """Training loss on the first n_seq tokens of each window; noise from torch's global RNG (resumable)."""
+    tokens = batch[:, :-1]
+    return diffusion_bound(model, tokens, noise_levels(tokens.shape[0], model.cfg.mdm_eps, tokens.device))
+
+
+def eval_diffusion_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    """The bound by the midpoint rule over a fixed grid of noise levels, with masks from a fixed seed:
+    the same weights and data always give the same value, whatever the global RNG state."""
+    tokens = batch[:, :-1]
+    eps = model.cfg.mdm_eps
+    generator = torch.Generator(device=tokens.device).manual_seed(EVAL_SEED)
+    total = torch.zeros((), device=tokens.device)
+    for k in range(EVAL_LEVELS):
+        t = torch.full((tokens.shape[0],), eps + (1 - eps) * (k + 0.5) / EVAL_LEVELS, device=tokens.device)
+        total += diffusion_bound(model, tokens, t, generator)
+    return total / EVAL_LEVELS
+
+
+PHASE = Phase(name="mdm", build_model=build_model, loss=diffusion_loss, generate=generate,
+              eval_loss=eval_diffusion_loss)
