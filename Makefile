@@ -19,7 +19,8 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 
 .PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
-	train-phase7-1.5b-resume chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels clean-checkpoints
+	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling \
+	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels clean-checkpoints
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -85,6 +86,26 @@ train-phase7-1.5b-test: $(ENV) ## 1.5B on dummy data for 20 steps: does it run o
 train-phase7-1.5b-resume: $(ENV) ## continue a 1.5B run exactly: CHECKPOINT=checkpoints/.../phase7_step_2000.pt
 	$(call need_checkpoint,checkpoints/phase7_1.5b_triton/phase7_step_2000.pt)
 	$(TRAIN) $(P7_1B5) resume=$(CHECKPOINT) $(ARGS)
+
+train-mdm-test: $(ENV) ## tiny masked diffusion LM on data-lite (CPU, ~2 min)
+	$(TRAIN) configs/mdm_test.yaml $(RESUME) $(ARGS)
+
+train-mdm-6M: $(ENV) ## masked diffusion LM, SMDM's smallest size, steps from flops_budget (GPU; SlimPajama)
+	$(TRAIN) configs/mdm_6M.yaml $(RESUME) $(ARGS)
+
+train-mdm-170M: $(ENV) ## masked diffusion LM at the seed's 170M recipe, 1e19 FLOPs (GPU; SlimPajama)
+	$(TRAIN) configs/mdm_170M.yaml $(RESUME) $(ARGS)
+
+train-mdm-1B: $(ENV) ## masked diffusion LM at 1B, 1e20 FLOPs (GPU; SlimPajama)
+	$(TRAIN) configs/mdm_1B.yaml $(RESUME) $(ARGS)
+
+sweep: $(ENV) ## grid search: CONFIG=... GRID="learning_rate=1e-4,2e-4 batch_size=128,256" [OUT=dir]
+	@test -n "$(CONFIG)" -a -n "$(GRID)" || { echo 'error: CONFIG=configs/<name>.yaml and GRID="key=v1,v2 ..." are required' >&2; exit 2; }
+	$(PYTHON) -m engine.sweep $(CONFIG) $(GRID) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+scaling: $(ENV) ## loss vs FLOPs: PHASE=mdm|phase7 SIZES="6M,170M" BUDGETS="1e18,3e18" [OUT=dir]; both phases: the gap
+	$(PYTHON) -m engine.scaling $(if $(PHASE),--phase $(PHASE)) $(if $(SIZES),--sizes "$(SIZES)") \
+		$(if $(BUDGETS),--budgets "$(BUDGETS)") $(if $(OUT),--out $(OUT)) $(if $(COMPARE),--compare) $(ARGS)
 
 chat-phase7-1.5b: $(ENV) ## chat with CHECKPOINT, or the best/final/latest in checkpoints/phase7_1.5b_triton
 	$(PYTHON) -m engine.chat $(or $(CHECKPOINT),checkpoints/phase7_1.5b_triton) $(ARGS)

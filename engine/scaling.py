@@ -1,0 +1,232 @@
+"""Loss against compute: python -m engine.scaling --phase mdm --sizes 6M,170M --budgets 1e18,3e18
+[--out DIR] [--compare] [key=value ...]
+
+Every size x budget trains configs/<prefix>_<size>.yaml (prefix mdm_ for phase mdm, arm_ for phase7; a size
+may also be the path of any config) with flops_budget=<budget>, from which the engine sets
+max_steps = floor(C / (6 N x tokens per step)): C = 6 N D, N the parameters other than the input embedding,
+D the tokens trained on. The lowest final val loss at each budget is the compute-optimal frontier, and
+log L = a + b log C is fitted to it. Writes OUT/<phase>_results.csv (every run of the phase in OUT, so
+calls add up), OUT/<phase>_scaling.md and OUT/<phase>_scaling.png; finished runs are read back, not retrained.
+Once OUT holds results of both phases (or with --compare alone), OUT/compare.md and OUT/compare.png give the
+factor of compute the MDM needs to reach the ARM's loss (SMDM reports about 16x at its scale).
+"""
+
+import argparse
+import csv
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.cli import run_cli
+from engine.config import ConfigError, load_config, parse_overrides
+from engine.sweep import markdown_table, train_run, write_csv
+from phases import get_phase
+
+MDM, ARM = "mdm", "phase7"
+PREFIX = {MDM: "mdm", ARM: "arm"}
+COLUMNS = ["run", "size", "params", "budget", "steps", "tokens", "val_loss", "status"]
+NUMERIC = {"params": int, "budget": float, "steps": int, "tokens": int, "val_loss": float}
+
+
+def size_config(phase: str, size: str) -> tuple[str, str]:
+    """(label, config path) of a size: '170M' -> configs/mdm_170M.yaml; a .yaml path stands for itself."""
+    if size.endswith((".yaml", ".yml")):
+        return Path(size).stem, size
+    return size, f"configs/{PREFIX.get(phase, phase)}_{size}.yaml"
+
+
+def budget_label(budget: float) -> str:
+    """1e+18 -> 1e18, 2.5e+15 -> 2.5e15: short, and no '+' in folder names."""
+    return re.sub(r"e\+?0*", "e", f"{budget:g}")
+
+
+def count_params(cfg) -> int:
+    """N as the engine counts it, from a model built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        return get_phase(cfg.phase).build_model(cfg).num_params()
+
+
+def results_path(out: Path, phase: str) -> Path:
+    return out / f"{phase}_results.csv"
+
+
+def load_results(out: Path, phase: str) -> list[dict]:
+    path = results_path(out, phase)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: NUMERIC[k](v) if k in NUMERIC else v for k, v in row.items() if v} for row in rows]
+
+
+def run_grid(phase: str, sizes: list[str], budgets: list[float], out: Path, overrides: dict) -> list[dict]:
+    """Train every size x budget (all configs are checked first); merge the rows into OUT/<phase>_results.csv."""
+    runs = []
+    for size in sizes:
+        label, path = size_config(phase, size)
+        for budget in budgets:
+            name = f"{PREFIX.get(phase, phase)}_{label}_{budget_label(budget)}"
+            cfg = load_config(path, {**overrides, "phase": phase, "flops_budget": budget,
+                                     "out_dir": str(out / name), "experiment": name})
+            runs.append({"run": name, "size": label, "params": count_params(cfg), "budget": budget, "cfg": cfg})
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {row["run"]: row for row in load_results(out, phase)}
+    for i, run in enumerate(runs):
+        print(f"=== scaling run {i + 1}/{len(runs)}: {run['run']} (N = {run['params']:,})", flush=True)
+        cfg = run.pop("cfg")
+        rows[run["run"]] = {**run, **train_run(cfg)}
+        write_csv(results_path(out, phase), list(rows.values()), COLUMNS)
+    return list(rows.values())
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The row with the lowest val loss at each budget, by budget."""
+    best = {}
+    for row in rows:
+        if "val_loss" in row and (row["budget"] not in best or row["val_loss"] < best[row["budget"]]["val_loss"]):
+            best[row["budget"]] = row
+    return [best[b] for b in sorted(best)]
+
+
+def fit_power_law(points: list[dict]) -> tuple[float, float] | None:
+    """(a, b) of log L = a + b log C by least squares over the frontier; None with fewer than 2 budgets."""
+    if len(points) < 2:
+        return None
+    b, a = np.polyfit(np.log([p["budget"] for p in points]), np.log([p["val_loss"] for p in points]), 1)
+    return float(a), float(b)
+
+
+def fit_text(fit) -> str:
+    if fit is None:
+        return "no fit: it needs final losses at 2 budgets or more"
+    a, b = fit
+    return f"log L = {a:.4f} + ({b:.4f}) log C, i.e. L = {math.exp(a):.4g} x C^{b:.4f}"
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: runs on headless GPU boxes
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw_fit(ax, fit, budgets, label, color="k"):
+    if fit is not None:
+        c = np.geomspace(min(budgets), max(budgets), 50)
+        ax.plot(c, np.exp(fit[0]) * c ** fit[1], "--", color=color, label=label)
+
+
+def report_phase(out: Path, phase: str, rows: list[dict]) -> None:
+    """OUT/<phase>_scaling.md (all runs, frontier, fit) and OUT/<phase>_scaling.png."""
+    best = frontier(rows)
+    fit = fit_power_law(best)
+    text = (f"# Scaling of {phase}: final val loss (nats/token) against training compute C = 6 N D\n\n"
+            f"{markdown_table(rows, COLUMNS)}\n## Compute-optimal frontier (lowest loss per budget)\n\n"
+            f"{markdown_table(best, ['budget', 'size', 'params', 'val_loss'])}\nFit on the frontier: {fit_text(fit)}\n")
+    (out / f"{phase}_scaling.md").write_text(text)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for size in dict.fromkeys(r["size"] for r in rows):
+        done = sorted((r for r in rows if r["size"] == size and "val_loss" in r), key=lambda r: r["budget"])
+        if done:
+            ax.plot([r["budget"] for r in done], [r["val_loss"] for r in done], "o-", alpha=0.6,
+                    label=f"{size} (N = {done[0]['params'] / 1e6:.3g}M)")
+    if best:
+        ax.plot([r["budget"] for r in best], [r["val_loss"] for r in best], "k*", markersize=12, label="frontier")
+        draw_fit(ax, fit, [r["budget"] for r in best], f"fit: {fit_text(fit).split('i.e. ')[-1]}")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C = 6 N D", ylabel="final val loss (nats/token)",
+           title=f"{phase}: loss against compute")
+    ax.legend(fontsize=8)
+    fig.savefig(out / f"{phase}_scaling.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def compute_gap(mdm_fit, arm_points: list[dict], mdm_budgets: list[float]) -> list[dict]:
+    """At each ARM frontier point (C, L): the compute C' at which the MDM's fitted law reaches L, and C'/C;
+    `extrapolated` says whether C' lies outside the budgets the MDM was trained at."""
+    a, b = mdm_fit
+    rows = []
+    for p in arm_points:
+        row = {"budget": p["budget"], "arm_loss": p["val_loss"]}
+        if b < 0:  # the MDM's loss must fall with compute for the inverse to exist
+            row["mdm_flops"] = math.exp((math.log(p["val_loss"]) - a) / b)
+            row["gap"] = row["mdm_flops"] / p["budget"]
+            row["extrapolated"] = "no" if min(mdm_budgets) <= row["mdm_flops"] <= max(mdm_budgets) else "yes"
+        rows.append(row)
+    return rows
+
+
+def compare(out: Path) -> None:
+    """OUT/compare.md and OUT/compare.png: both frontiers, both fits, and the MDM's compute gap."""
+    results = {phase: load_results(out, phase) for phase in (MDM, ARM)}
+    missing = [phase for phase, rows in results.items() if not frontier(rows)]
+    if missing:
+        raise ConfigError(f"--compare needs finished runs of both phases in {out}; none for {', '.join(missing)}:"
+                          f" run `make scaling PHASE=<phase> SIZES=... BUDGETS=... OUT={out}` first")
+    fronts = {phase: frontier(rows) for phase, rows in results.items()}
+    fits = {phase: fit_power_law(points) for phase, points in fronts.items()}
+    gaps = compute_gap(fits[MDM], fronts[ARM], [p["budget"] for p in fronts[MDM]]) if fits[MDM] else []
+    factors = [g["gap"] for g in gaps if "gap" in g]
+    gap = f"{math.exp(np.mean(np.log(factors))):.3g}x" if factors else "n/a"
+    summary = (f"geometric mean over the ARM's budgets: **{gap}** (SMDM reports about 16x)" if factors else
+               "not measurable: the MDM's frontier needs 2 budgets or more and a loss that falls with compute")
+    text = (f"# MDM against ARM: compute to reach the same loss\n\n"
+            f"MDM ({MDM}) frontier fit: {fit_text(fits[MDM])}\n\nARM ({ARM}) frontier fit: {fit_text(fits[ARM])}\n\n"
+            "For each ARM frontier point (budget C, loss L), `mdm_flops` is the compute at which the MDM's fitted"
+            " law reaches L and `gap` = mdm_flops / C. The MDM's loss is its diffusion bound (an upper bound on"
+            " NLL), the ARM's its exact NLL, as in SMDM.\n\n"
+            f"{markdown_table(gaps, ['budget', 'arm_loss', 'mdm_flops', 'gap', 'extrapolated'])}\nCompute gap: {summary}\n")
+    (out / "compare.md").write_text(text)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    budgets = [p["budget"] for p in fronts[MDM] + fronts[ARM]]
+    for phase, color, name in ((MDM, "tab:red", "MDM"), (ARM, "tab:blue", "ARM")):
+        points = fronts[phase]
+        ax.plot([p["budget"] for p in points], [p["val_loss"] for p in points], "o", color=color,
+                label=f"{name} frontier")
+        draw_fit(ax, fits[phase], budgets, f"{name} fit", color)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C = 6 N D", ylabel="final val loss (nats/token)",
+           title=f"MDM vs ARM: the MDM needs {gap} the compute for the ARM's loss")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "compare.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def split_list(text: str) -> list[str]:
+    return [item for item in re.split(r"[,\s]+", text or "") if item]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.scaling", description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=[MDM, ARM], help="mdm (configs/mdm_*) or phase7 (configs/arm_*)")
+    parser.add_argument("--sizes", help="comma-separated: 6M,170M,1B or config paths")
+    parser.add_argument("--budgets", help="comma-separated FLOPs budgets: 1e18,3e18")
+    parser.add_argument("--out", default="checkpoints/scaling", help="output folder (default checkpoints/scaling)")
+    parser.add_argument("--compare", action="store_true", help="MDM vs ARM from both phases' results in OUT")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. data=dummy n_seq=128")
+    args = parser.parse_intermixed_args(argv)
+    out = Path(args.out)
+    sizes, budgets = split_list(args.sizes), split_list(args.budgets)
+    if sizes or budgets or not args.compare:
+        if not (args.phase and sizes and budgets):
+            raise ConfigError("scaling runs need --phase, --sizes and --budgets (or --compare alone to compare)")
+        try:
+            budget_values = [float(b) for b in budgets]
+        except ValueError:
+            raise ConfigError(f"--budgets expects numbers like 1e18,3e18; got '{args.budgets}'") from None
+        rows = run_grid(args.phase, sizes, budget_values, out, parse_overrides(args.overrides))
+        report_phase(out, args.phase, rows)
+        print(f"Scaling of {args.phase}: {out / f'{args.phase}_scaling.md'}, {out / f'{args.phase}_scaling.png'}")
+        other = ARM if args.phase == MDM else MDM
+        args.compare = args.compare or bool(frontier(load_results(out, other)))  # both phases measured here
+    if args.compare:
+        compare(out)
+        print(f"MDM vs ARM: {out / 'compare.md'}, {out / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
