@@ -3,7 +3,8 @@
 Times optimizer steps of the real engine (engine.train.Trainer on dummy data) after warm-up and reports
 tok/s, MFU, peak memory, and the deepest model of this width that fits. With --peer, transformers'
 LlamaForCausalLM with the same dims (bf16 autocast, fused AdamW, SDPA, torch.compile) runs in the same
-process, so the ratio is meaningful. Results are appended to bench/RESULTS.md.
+process, so the ratio is meaningful. --mem-gb caps the process's GPU memory and runs ours in memory mode
+(bf16 weights, 8-bit AdamW inside backward, checkpointing). Results are appended to bench/RESULTS.md.
 """
 
 import argparse
@@ -23,8 +24,11 @@ CONFIG = "configs/phase7_1.5b_triton.yaml"
 
 
 def bench_overrides(args) -> list[str]:
-    """The 1.5B recipe at micro-batch B without accumulation or checkpointing: the peer's settings."""
-    return [f"batch_size={args.batch_size}", "gradient_accumulation_steps=1", "use_gradient_checkpointing=false",
+    """The 1.5B recipe at micro-batch B without accumulation. Speed (the default): no checkpointing and no
+    memory mode, the peer's settings. With --mem-gb: memory mode with checkpointing, the small-card recipe."""
+    memory = ["memory_mode=true", "use_gradient_checkpointing=true"] if args.mem_gb else \
+        ["memory_mode=false", "use_gradient_checkpointing=false"]
+    return [f"batch_size={args.batch_size}", "gradient_accumulation_steps=1", *memory,
             "data=dummy", "device=cuda", "fast_dev_run=1", "warmup_steps=1", *args.overrides]
 
 
@@ -46,16 +50,16 @@ def run_ours(args, n_layers=None) -> dict:
 
     def step():
         trainer.train_step()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.apply_update()
 
-    return measure("ours (phase7)", trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), step, args)
+    name = "ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)"
+    return measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), step, args)
 
 
 def run_peer(args) -> dict:
     from phases.phase7.export import llama_config
 
-    cfg = load_config(CONFIG, bench_overrides(args))
+    cfg = load_config(CONFIG, bench_overrides(args) + ["memory_mode=false"])  # the peer: plain fused AdamW
     from transformers import LlamaForCausalLM
 
     hf_cfg = llama_config(cfg)
@@ -114,7 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", action="store_true", help="also time HF Llama + torch.compile")
     parser.add_argument("--mem-gb", type=float, help="cap this process to this many GiB of GPU memory")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="micro-batch (default 8; 4 with --mem-gb)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-depth-search", action="store_true")
@@ -123,15 +127,20 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("error: bench-phase7-1.5b needs a CUDA GPU (CPU machines: make train-phase7-test)", file=sys.stderr)
         return 1
+    args.batch_size = args.batch_size or (4 if args.mem_gb else 8)
     if args.mem_gb:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gb * 2**30 / total))
     rows = [run_ours(args)]
     if args.peer:
         torch._dynamo.reset()
-        rows.append(run_peer(args))
+        torch.cuda.empty_cache()
+        try:
+            rows.append(run_peer(args))
+        except torch.cuda.OutOfMemoryError:
+            print(f"the peer does not fit in {args.mem_gb} GiB at micro-batch {args.batch_size}", file=sys.stderr)
     print(table(rows))
-    if args.peer:
+    if len(rows) == 2:
         print(f"ours / peer: {rows[0]['tok_per_s'] / rows[1]['tok_per_s']:.2f}x")
     depth = None if args.no_depth_search else deepest_that_fits(args)
     if depth is not None:
@@ -146,7 +155,8 @@ def record(rows, depth, args) -> None:
     with RESULTS.open("a") as f:
         f.write(f"\n## bench-phase7-1.5b, {datetime.date.today()}\n\n"
                 f"`{' '.join(['python -m bench.phase7', *sys.argv[1:]])}` on {device}, torch {torch.__version__}, "
-                f"Python {platform.python_version()}, micro-batch {args.batch_size} x 1024 tokens\n\n"
+                f"Python {platform.python_version()}, micro-batch {args.batch_size} x 1024 tokens"
+                f"{f', capped at {args.mem_gb} GiB' if args.mem_gb else ''}\n\n"
                 f"{table(rows)}\n")
         if depth is not None:
             f.write(f"\nDeepest model at d_model 2048 that fits: {depth} layers\n")

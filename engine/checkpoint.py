@@ -81,6 +81,9 @@ def check_compatible(state: dict, cfg: Config, path) -> None:
     if diffs:
         raise CheckpointError(f"{path} has another model shape: {', '.join(diffs)}; "
                               f"use the config it was trained with ({Path(path).parent / 'config.yaml'})")
+    if saved.memory_mode != cfg.memory_mode:  # bf16 weights and 8-bit states vs fp32 and torch's AdamW
+        raise CheckpointError(f"{path} was trained with memory_mode={str(saved.memory_mode).lower()}: "
+                              f"resume with the same (its optimizer state is of the other kind)")
 
 
 def find_latest(run_dir: str | Path) -> Path | None:

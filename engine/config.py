@@ -46,7 +46,7 @@ class Config:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    attention: str = "sdpa"  # triton | sdpa | eager | flash_attn
+    attention: str = "triton"  # triton (SDPA where Triton cannot run) | sdpa | eager | flash_attn
 
     # --- optimisation ---
     max_steps: int = 1000
@@ -70,7 +70,9 @@ class Config:
     use_gradient_checkpointing: bool = False
     use_flash_attention: bool = True  # false forces attention=sdpa
     use_fused_optimizer: bool = True  # fused AdamW on CUDA
-    use_compile: bool = False  # torch.compile the model (CUDA only)
+    use_compile: bool = False  # torch.compile each Transformer block (CUDA only)
+    fused_cross_entropy: bool = True  # lm_head + cross-entropy in chunks of tokens: never the full logits
+    memory_mode: bool = False  # bf16 weights, 8-bit AdamW applied inside backward (engine/low_memory.py)
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10

@@ -59,8 +59,14 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not norms), fused kernel on CUDA."""
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """AdamW; weight decay on matrices only (not norms), fused kernel on CUDA. In memory mode, the 8-bit
+    AdamW that updates each parameter inside backward (it clips too; nothing to call after backward)."""
+    if cfg.memory_mode:
+        from engine.low_memory import InBackwardOptimizer
+
+        return InBackwardOptimizer(model, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                   grad_clip=cfg.grad_clip, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -107,18 +113,23 @@ class Trainer:
         if self.train_data.vocab_size > cfg.vocab_size:
             raise TrainingError(f"the data's tokenizer has {self.train_data.vocab_size} ids but vocab_size="
                                 f"{cfg.vocab_size}: set vocab_size={self.train_data.vocab_size} or larger")
-        self.model = self.phase.build_model(cfg).to(self.device)
+        self.model = self.phase.build_model(cfg)
+        if cfg.memory_mode:  # to bf16 before the move, so the GPU never holds the fp32 weights
+            from engine.low_memory import prepare_model_for_memory_mode
+
+            prepare_model_for_memory_mode(self.model)
+        self.model.to(self.device)
         if cfg.flops_budget > 0:
             cfg.max_steps = steps_for_budget(cfg, self.model.num_params())
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
+        # micro_batches counts the training batches drawn: a skipped step's batches are not drawn again
+        self.step, self.tokens_seen, self.micro_batches, self.best_val_loss = 0, 0, 0, float("inf")
         self.log: list[dict] = []
         if resume_state is not None:
             self.resume(resume_state)
-        self.compiled = self.model
         if cfg.use_compile:
             if self.device.type == "cuda":
-                self.compiled = torch.compile(self.model)
+                self.model.compile_blocks()
             else:
                 print("use_compile ignored on CPU")
         self.eval_loss = self.phase.eval_loss or self.phase.loss
@@ -128,7 +139,7 @@ class Trainer:
     def resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.step, self.tokens_seen, self.micro_batches = state["step"], state["tokens_seen"], state["data_position"]
         self.best_val_loss = state["best_val_loss"]
         ckpt.restore_rng(state["rng"])
         log_file = self.out_dir / "training_log.json"
@@ -144,7 +155,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "data_position": self.step * self.cfg.gradient_accumulation_steps,  # micro-batches drawn
+            "data_position": self.micro_batches,
             "best_val_loss": self.best_val_loss,
             "rng": ckpt.rng_state(),
             "tokenizer": self.cfg.tokenizer,
@@ -166,25 +177,43 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with autocast_for(self.cfg, self.device):
             for i in range(self.cfg.eval_batches):
-                total += self.eval_loss(self.compiled, self.batch(self.val_data, i)).float()
+                total += self.eval_loss(self.model, self.batch(self.val_data, i)).float()
         self.model.train()
         return total.item() / self.cfg.eval_batches
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns (loss, grad norm)."""
+        """Forward and backward over gradient_accumulation_steps micro-batches; returns (loss, grad norm) as
+        device tensors. apply_update() then steps; in memory mode the optimizer already has, inside backward."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step + 1, cfg)
+        lr = lr_at(self.step + 1, cfg)
+        if cfg.memory_mode:
+            self.optimizer.begin_step(lr, accum)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = self.batch(self.train_data, self.step * accum + micro)
+            batch = self.batch(self.train_data, self.micro_batches)
+            self.micro_batches += 1
             with autocast_for(cfg, self.device):
-                loss = self.phase.loss(self.compiled, batch) / accum
+                loss = self.phase.loss(self.model, batch) / accum
+            if cfg.memory_mode:
+                self.optimizer.begin_micro_step(micro)
             loss.backward()
             loss_sum += loss.detach()
+        if cfg.memory_mode:
+            return loss_sum, self.optimizer.end_step()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return loss_sum, grad_norm
+
+    def apply_update(self, finite: bool = True) -> None:
+        """Step with the gradients train_step left (or drop them when the step was not finite)."""
+        if self.cfg.memory_mode:
+            return  # applied inside backward, per parameter; a parameter with a NaN/Inf gradient kept its values
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -200,7 +229,7 @@ class Trainer:
             loss, grad_norm = self.train_step()
             # One host sync per optimizer step (never per micro-step): skip non-finite updates.
             if not torch.isfinite(loss + grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.apply_update(finite=False)
                 bad_steps += 1
                 print(f"Step {self.step + 1:6d} | non-finite loss or gradient: update skipped "
                       f"({bad_steps}/{cfg.max_bad_steps})")
@@ -210,8 +239,7 @@ class Trainer:
                                         " are from before the divergence")
                 continue
             bad_steps = 0
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.apply_update()
             self.step += 1
             self.tokens_seen += cfg.tokens_per_step()
             window_tokens += cfg.tokens_per_step()
@@ -265,6 +293,7 @@ class Trainer:
                   f"{cfg.max_steps * cfg.tokens_per_step():,} tokens -> {cfg.max_steps} steps")
         print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {cfg.phase} | {model.num_params(exclude_embedding=False) / 1e6:.1f}M params "
               f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
+              f"attention {model.attention_backend}{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
               f"{cfg.tokens_per_step():,} tokens/step | {cfg.max_steps} steps -> {cfg.out_dir}", flush=True)
 

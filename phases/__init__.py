@@ -13,7 +13,8 @@ from engine.config import ConfigError
 @dataclass(frozen=True)
 class Phase:
     name: str
-    # Config -> nn.Module. The module exposes flops_per_token(n_seq) for MFU and FLOPs budgets.
+    # Config -> nn.Module. The module exposes num_params(exclude_embedding=True) and flops_per_token(n_seq)
+    # for MFU and FLOPs budgets, compile_blocks() for use_compile, and attention_backend (a name, for logs).
     build_model: Callable
     # (model, batch of token ids (B, n_seq + 1)) -> scalar training loss. Randomness (e.g. diffusion
     # noise) comes from torch's global RNG, whose state checkpoints save, so resume stays exact.

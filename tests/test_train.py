@@ -137,3 +137,63 @@ def test_missing_data_says_make_data_lite(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode != 0
     assert "make data-lite" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_skipped_step_does_not_draw_the_same_batches_again(tmp_path):
+    trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'run'}", "max_steps=2", "max_bad_steps=2"]))
+    seen = []
+    real_loss = trainer.phase.loss
+
+    def nan_on_first_batch(model, batch):
+        seen.append(batch.clone())
+        loss = real_loss(model, batch)
+        return loss * float("nan") if len(seen) <= 2 else loss  # the first step's two micro-batches
+
+    trainer.phase = dataclasses.replace(trainer.phase, loss=nan_on_first_batch)
+    trainer.fit()
+    assert trainer.step == 2 and len(seen) == 6
+    assert not any(torch.equal(seen[0], later) for later in seen[2:])
+    assert load_checkpoint(tmp_path / "run" / "phase7_final.pt")["data_position"] == 6
+
+
+def test_fused_cross_entropy_is_the_plain_loss_and_gradient():
+    from phases.phase7 import next_token_loss
+    from phases.phase7.model import Transformer
+
+    batch = torch.randint(0, 64, (3, 17))
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(load_config(None, TINY + [f"fused_cross_entropy={fused}"]))
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        results.append((loss, [p.grad for p in model.parameters()]))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_triton_attention_falls_back_to_sdpa_where_it_cannot_run(monkeypatch):
+    from phases.phase7.model import attention_backend
+
+    cfg = load_config(None, TINY)
+    assert cfg.attention == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention_backend(cfg) == "triton"
+    assert attention_backend(load_config(None, TINY + ["d_model=48"])) == "sdpa"  # head size 24
+    assert attention_backend(load_config(None, TINY + ["use_flash_attention=false"])) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention_backend(cfg) == "sdpa"
+
+
+def test_flash_attn_backend_without_the_package_is_a_clear_error():
+    import importlib.util
+
+    from engine.config import ConfigError
+    from phases.phase7.model import Transformer
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="pip install flash-attn"):
+        Transformer(load_config(None, TINY + ["attention=flash_attn"]))

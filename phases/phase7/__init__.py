@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.sampling import SamplingSettings, sample
+from kernels.linear_cross_entropy import linear_cross_entropy
 from phases import Phase
 from phases.phase7.model import Transformer
 
@@ -13,10 +14,13 @@ def build_model(cfg) -> Transformer:
 
 
 def next_token_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]."""
-    hidden = model.hidden_states(batch[:, :-1])
-    logits = model.lm_head(hidden).float()
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; with fused_cross_entropy the
+    (tokens x vocab) logits never exist at once (kernels/linear_cross_entropy.py)."""
+    hidden = model.hidden_states(batch[:, :-1]).flatten(0, 1)
+    targets = batch[:, 1:].flatten()
+    if model.cfg.fused_cross_entropy:
+        return linear_cross_entropy(hidden, model.lm_head.weight, targets)
+    return F.cross_entropy(model.lm_head(hidden).float(), targets)
 
 
 @torch.no_grad()

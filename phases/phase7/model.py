@@ -5,6 +5,7 @@ mlp.gate_proj, input_layernorm, norm, lm_head), so export to Hugging Face is a r
 The same blocks serve bidirectional phases (mdm) with causal=False.
 """
 
+import importlib.util
 import math
 
 import torch
@@ -12,7 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.config import Config
+from engine.config import Config, ConfigError
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels.flash_attention compiles for
+
+
+def attention_backend(cfg: Config) -> str:
+    """The backend the model will really use: attention=triton falls back to SDPA where the Triton kernels
+    cannot run (no CUDA, no triton package, a head size they do not support); use_flash_attention=false
+    forces SDPA, as in the seed."""
+    if not cfg.use_flash_attention:
+        return "sdpa"
+    if cfg.attention == "triton":
+        usable = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+        return "triton" if usable and cfg.d_model // cfg.n_heads in TRITON_HEAD_DIMS else "sdpa"
+    if cfg.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attention=flash_attn but flash-attn is not installed: "
+                          "pip install flash-attn --no-build-isolation, or use attention=triton")
+    return cfg.attention
 
 
 def ffn_dim_for(cfg: Config) -> int:
@@ -31,7 +49,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if self.use_triton and x.is_cuda:
-            from kernels import rms_norm
+            from kernels.rms_norm import rms_norm
             return rms_norm(x, self.weight, self.eps)
         # Llama semantics: normalise in fp32, cast back, then scale.
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
@@ -60,7 +78,7 @@ def attention(q, k, v, causal: bool, backend: str, mask=None):
     The Triton kernel needs CUDA tensors; elsewhere, and for masked decoding steps, SDPA runs.
     """
     if mask is None and backend == "triton" and q.is_cuda:
-        from kernels import flash_attention
+        from kernels.flash_attention import flash_attention
         return flash_attention(q, k, v, causal=causal)
     if mask is None and backend == "flash_attn":
         from flash_attn import flash_attn_func
@@ -100,7 +118,7 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.causal = causal
-        self.backend = cfg.attention if cfg.use_flash_attention else "sdpa"
+        self.backend = attention_backend(cfg)
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
@@ -140,7 +158,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Config, causal: bool):
         super().__init__()
-        use_triton = cfg.attention == "triton"
+        use_triton = attention_backend(cfg) == "triton"
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, use_triton)
         self.self_attn = Attention(cfg, causal)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, use_triton)
@@ -157,9 +175,10 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.causal = causal
         self.vocab_size = vocab_size or cfg.vocab_size
+        self.attention_backend = attention_backend(cfg)
         self.embed_tokens = nn.Embedding(self.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.attention == "triton")
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, attention_backend(cfg) == "triton")
         self.lm_head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.n_seq, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -194,6 +213,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx, cache: KVCache | None = None, start: int = 0):
         return self.lm_head(self.hidden_states(idx, cache, start))
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place rather than the whole model: the objective calls
+        hidden_states and lm_head directly, checkpointing wraps blocks, and memory mode's per-parameter
+        updates need gradients as each block's backward finishes, not all at the end of one big graph."""
+        for layer in self.layers:
+            layer.compile()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         attn = self.layers[0].self_attn
