@@ -450,34 +450,9 @@ def test_triton_path_trains_like_the_pytorch_path_with_accumulation():
 
 # --- memory_mode=true in the engine -------------------------------------------------------------------
 
-def markov_shards(folder, vocab=64, n=60_000, seed=0):
-    """Learnable tokens: each follows a fixed successor of the previous one 80% of the time."""
-    import numpy as np
-
-    from data.packed import ShardWriter
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    successor = rng.permutation(vocab - 1) + 1
-    tokens = np.empty(n, dtype=np.int64)
-    tokens[0] = 1
-    noise = rng.integers(1, vocab, n)
-    follow = rng.random(n) < 0.8
-    for i in range(1, n):
-        tokens[i] = successor[tokens[i - 1] - 1] if follow[i] else noise[i]
-    for split, part in (("train", tokens[: n * 9 // 10]), ("val", tokens[n * 9 // 10:])):
-        writer = ShardWriter(folder, split, 1000, sep_token=0, dtype=np.uint16)  # whole chunks: no padding
-        writer.add(part)
-        writer.close()
-    return str(folder)
-
-
-def engine_run(tmp_path, name, *extra):
+def engine_run(data, tmp_path, name, *extra):
     from engine.train import Trainer
 
-    data = tmp_path / "markov"
-    if not data.exists():
-        markov_shards(data)
     cfg = load_config(None, [f"data={data}", "vocab_size=64", "n_seq=32", "d_model=64", "n_heads=4", "n_layers=2",
                              "ffn_dim=128", "batch_size=8", "gradient_accumulation_steps=2", "max_steps=80",
                              "warmup_steps=10", "learning_rate=3e-3", "min_lr=3e-4", "log_every=10",
@@ -494,10 +469,11 @@ def val_losses(run_dir):
     return [r["val_loss"] for r in json.loads((run_dir / "training_log.json").read_text()) if "val_loss" in r]
 
 
-def test_memory_mode_loss_is_within_2_percent_of_the_normal_run(tmp_path):
+def test_memory_mode_loss_is_within_2_percent_of_the_normal_run(markov_data, tmp_path):
     """The quality guard in miniature: same init and data, 80 steps with accumulation and clipping."""
-    normal = engine_run(tmp_path, "normal", "eval_every=20")
-    memory = engine_run(tmp_path, "memory", "eval_every=20", "memory_mode=true", "use_gradient_checkpointing=true")
+    normal = engine_run(markov_data, tmp_path, "normal", "eval_every=20")
+    memory = engine_run(markov_data, tmp_path, "memory", "eval_every=20", "memory_mode=true",
+                        "use_gradient_checkpointing=true")
     assert all(p.dtype == torch.bfloat16 for p in memory.model.parameters())
     expected, got = val_losses(tmp_path / "normal"), val_losses(tmp_path / "memory")
     assert expected[-1] < 0.4 * math.log(64) < expected[0]  # it learns: the losses compared are on a slope
@@ -505,17 +481,18 @@ def test_memory_mode_loss_is_within_2_percent_of_the_normal_run(tmp_path):
     assert all(abs(g - e) < 0.02 * e for g, e in zip(got, expected)), (got, expected)
 
 
-def test_memory_mode_resume_is_exact_and_refuses_the_other_mode(tmp_path):
+def test_memory_mode_resume_is_exact_and_refuses_the_other_mode(markov_data, tmp_path):
     from engine.checkpoint import CheckpointError, load_checkpoint
 
-    engine_run(tmp_path, "straight", "memory_mode=true", "max_steps=8", "save_every=4", "eval_every=4")
+    engine_run(markov_data, tmp_path, "straight", "memory_mode=true", "max_steps=8", "save_every=4",
+               "eval_every=4")
     checkpoint = tmp_path / "straight" / "phase7_step_4.pt"
     (tmp_path / "resumed").mkdir()
-    engine_run(tmp_path, "resumed", "memory_mode=true", "max_steps=8", "save_every=4", "eval_every=4",
+    engine_run(markov_data, tmp_path, "resumed", "memory_mode=true", "max_steps=8", "save_every=4", "eval_every=4",
                f"resume={checkpoint}")
     a = load_checkpoint(tmp_path / "straight" / "phase7_final.pt")
     b = load_checkpoint(tmp_path / "resumed" / "phase7_final.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert val_losses(tmp_path / "straight")[-1] == val_losses(tmp_path / "resumed")[-1]
     with pytest.raises(CheckpointError, match="memory_mode=true: resume with the same"):
-        engine_run(tmp_path, "other", "max_steps=8", f"resume={checkpoint}")
+        engine_run(markov_data, tmp_path, "other", "max_steps=8", f"resume={checkpoint}")
