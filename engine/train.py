@@ -87,7 +87,7 @@ def open_wandb(cfg: Config):
     """A wandb run, online only when the user is logged in, so a run never blocks on the network."""
     import wandb
 
-    mode = "online" if wandb.api.api_key else "offline"
+    mode = "online" if wandb.login(prompt=False, verify=False) else "offline"  # a stored key; no network call
     return wandb.init(project="llm-pretrain", name=cfg.experiment or Path(cfg.out_dir).name, dir=cfg.out_dir,
                       tags=[t for t in cfg.tags.split(",") if t], notes=cfg.notes, config=cfg.to_dict(), mode=mode)
 
@@ -295,7 +295,9 @@ class Trainer:
               f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
               f"attention {model.attention_backend}{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
-              f"{cfg.tokens_per_step():,} tokens/step | {cfg.max_steps} steps -> {cfg.out_dir}", flush=True)
+              f"{cfg.tokens_per_step():,} tokens/step | "
+              + (f"fast_dev_run: {cfg.fast_dev_run} steps, saves nothing" if cfg.fast_dev_run else
+                 f"{cfg.max_steps} steps -> {cfg.out_dir}"), flush=True)
 
 
 def main(argv: list[str]) -> None:

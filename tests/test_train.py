@@ -197,3 +197,15 @@ def test_flash_attn_backend_without_the_package_is_a_clear_error():
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="pip install flash-attn"):
         Transformer(load_config(None, TINY + ["attention=flash_attn"]))
+
+
+def test_wandb_logger_runs_offline_without_a_login(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no stored key from this machine
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train(tmp_path, "max_steps=3", "logger=wandb", "experiment=tiny", "tags=a,b")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and losses(tmp_path / "run")[-1][0] == 3
