@@ -19,8 +19,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from kernels.flash_attention import flash_attention
-from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.attention import flash_attention
+from kernels.norm import rms_norm, rms_norm_reference
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 MATMUL_FLOPS = 739e12  # H100 SXM dense bf16, as measured by a large cuBLAS matmul

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear_cross_entropy import default_chunk_tokens
+from kernels.cross_entropy import default_chunk_tokens
 
 BLOCK = 256  # elements per fp32 scale: 1.6% overhead, and an outlier coarsens only its own 256 neighbours
 EXPONENT_BIAS = 15  # 8-bit codes span [2**-14, 2) as normals, and subnormals below (see encode)

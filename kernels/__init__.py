@@ -1,6 +1,28 @@
-"""Triton kernels, each beside the plain PyTorch reference that the tests compare it with.
+"""Shared kernels, each beside the plain PyTorch reference that the tests compare it with:
 
-Import from the modules (kernels.flash_attention, kernels.rms_norm, kernels.linear_cross_entropy): the
-package itself imports nothing, so code that only needs the pure-PyTorch linear_cross_entropy runs where
-Triton is not installed.
+    kernels.flash_attention(q, k, v, causal=True, softmax_scale=None)   Triton, kernels/attention.py
+    kernels.rms_norm(x, weight, eps), kernels.rms_norm_residual(...)     Triton, kernels/norm.py
+    kernels.linear_cross_entropy(hidden, weight, targets, ...)           PyTorch, kernels/cross_entropy.py
+
+Names are loaded on first use: importing the package never imports triton, so the pure-PyTorch pieces work
+where Triton is not installed, and tests can switch Triton's interpreter on before any kernel is defined.
 """
+
+import importlib
+
+_MODULE_OF = {
+    "flash_attention": "attention", "attention_reference": "attention", "triton_available": "attention",
+    "rms_norm": "norm", "rms_norm_residual": "norm", "rms_norm_reference": "norm",
+    "rms_norm_residual_reference": "norm",
+    "linear_cross_entropy": "cross_entropy", "linear_cross_entropy_reference": "cross_entropy",
+}
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'kernels' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"kernels.{_MODULE_OF[name]}"), name)
+
+
+def __dir__():
+    return sorted(_MODULE_OF)

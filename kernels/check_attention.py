@@ -13,7 +13,7 @@ import torch
 
 import torch.nn.functional as F
 
-from kernels.flash_attention import attention_reference, flash_attention, triton_available
+from kernels.attention import attention_reference, flash_attention, triton_available
 
 ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 NAMES = ("out", "dq", "dk", "dv")

@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
-from kernels.flash_attention import _attn_fwd, attention_reference, flash_attention, triton_available  # noqa: E402
-from kernels.rms_norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
+from kernels.attention import _attn_fwd, attention_reference, flash_attention, triton_available  # noqa: E402
+from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
                               rms_norm_residual_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,3 +215,12 @@ def test_gpu_rms_norm_bf16_at_training_sizes(shape):
     ours = residual_outputs_and_grads(rms_norm_residual, x, residual, weight, dy, dsum, torch.bfloat16)
     for o, p in zip(max_errors(ours, gold), max_errors(peer, gold)):
         assert o <= 2 * p + ERROR_FLOOR[torch.bfloat16]
+
+
+def test_package_exposes_the_kernels_by_name():
+    import kernels
+
+    assert kernels.flash_attention is flash_attention and kernels.rms_norm is rms_norm
+    assert kernels.linear_cross_entropy.__module__ == "kernels.cross_entropy"
+    with pytest.raises(AttributeError, match="no attribute 'flash_attn'"):
+        kernels.flash_attn

@@ -22,7 +22,7 @@ from engine.config import load_config  # noqa: E402
 from engine.low_memory import (BLOCK, BlockQuantized, InBackwardOptimizer, decode, encode,  # noqa: E402
                                estimate_memory_mode_bytes, prepare_model_for_memory_mode,
                                stochastic_round_to_bf16)
-from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.cross_entropy import linear_cross_entropy
 from phases.phase7.model import Transformer
 
 BETAS, EPS = (0.9, 0.95), 1e-8

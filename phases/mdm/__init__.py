@@ -13,7 +13,7 @@ masking probabilities"), which is the same as giving it a logit of -inf.
 
 import torch
 
-from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
 from phases.mdm.sampler import generate, token_weight
 from phases.phase7.model import Transformer

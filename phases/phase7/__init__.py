@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.sampling import SamplingSettings, sample
-from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
 from phases.phase7.model import Transformer
 
@@ -15,7 +15,7 @@ def build_model(cfg) -> Transformer:
 
 def next_token_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; with fused_cross_entropy the
-    (tokens x vocab) logits never exist at once (kernels/linear_cross_entropy.py)."""
+    (tokens x vocab) logits never exist at once (kernels/cross_entropy.py)."""
     hidden = model.hidden_states(batch[:, :-1]).flatten(0, 1)
     targets = batch[:, 1:].flatten()
     if model.cfg.fused_cross_entropy:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import Config, ConfigError
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels.flash_attention compiles for
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels.attention compiles for
 
 
 def attention_backend(cfg: Config) -> str:
@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if self.use_triton and x.is_cuda:
-            from kernels.rms_norm import rms_norm
+            from kernels.norm import rms_norm
             return rms_norm(x, self.weight, self.eps)
         # Llama semantics: normalise in fp32, cast back, then scale.
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,7 +78,7 @@ def attention(q, k, v, causal: bool, backend: str, mask=None):
     The Triton kernel needs CUDA tensors; elsewhere, and for masked decoding steps, SDPA runs.
     """
     if mask is None and backend == "triton" and q.is_cuda:
-        from kernels.flash_attention import flash_attention
+        from kernels.attention import flash_attention
         return flash_attention(q, k, v, causal=causal)
     if mask is None and backend == "flash_attn":
         from flash_attn import flash_attn_func

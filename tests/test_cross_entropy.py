@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 
 def inputs(n, d=12, v=37, dtype=torch.float64, seed=0, ignored=0.0, weighted=False):
