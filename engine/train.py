@@ -183,7 +183,7 @@ class Trainer:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over gradient_accumulation_steps micro-batches; returns (loss, grad norm) as
-        device tensors. apply_update() then steps; in memory mode the optimizer already has, inside backward."""
+        device tensors. apply_update() then steps, except in memory mode, where backward already updated."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         lr = lr_at(self.step + 1, cfg)
         if cfg.memory_mode:
