@@ -1,13 +1,11 @@
 """The masked diffusion phase: forward process, the bound's scale, bidirectionality, sampler, eval, resume."""
 
-import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from engine.sampling import SamplingSettings
 from engine.train import Trainer, TrainingError, steps_for_budget
@@ -150,31 +148,3 @@ def test_training_lowers_the_bound():
         loss.backward()
         optimizer.step()
     assert eval_diffusion_loss(model, batch).item() < 0.25 * before
-
-
-def train(tmp_path, *extra, run="run"):
-    Trainer(load_config(None, RUN + [f"out_dir={tmp_path / run}", *extra])).fit()
-
-
-def losses(run_dir):
-    return [(r["step"], r["loss"], r.get("val_loss")) for r in json.loads((run_dir / "training_log.json").read_text())]
-
-
-def test_resume_is_exact(tmp_path):
-    train(tmp_path, "max_steps=6", run="straight")
-    interrupted = Trainer(load_config(None, RUN + [f"out_dir={tmp_path / 'resumed'}", "max_steps=6"]))
-    real_step = interrupted.train_step
-
-    def crash_after_step_3():
-        if interrupted.step == 3:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_after_step_3
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    train(tmp_path, "max_steps=6", f"resume={tmp_path / 'resumed' / 'mdm_step_3.pt'}", run="resumed")
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    a = load_checkpoint(tmp_path / "straight" / "mdm_final.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "mdm_final.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)

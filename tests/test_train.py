@@ -27,7 +27,7 @@ def train(tmp_path, *extra, run="run"):
 
 
 def losses(run_dir):
-    return [(r["step"], r["loss"]) for r in json.loads((run_dir / "training_log.json").read_text())]
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in json.loads((run_dir / "training_log.json").read_text())]
 
 
 def test_run_writes_log_checkpoints_and_config(tmp_path, capsys):
@@ -48,9 +48,11 @@ def test_run_writes_log_checkpoints_and_config(tmp_path, capsys):
     assert set(state) >= {"model", "optimizer", "rng", "config", "tokenizer", "tokens_seen"}
 
 
-def test_resume_is_exact(tmp_path):
-    train(tmp_path, "max_steps=6", run="straight")
-    interrupted = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'resumed'}", "max_steps=6"]))
+@pytest.mark.parametrize("phase", ["phase7", "mdm"])  # mdm also draws its noise from the saved RNG state
+def test_resume_is_exact(tmp_path, phase):
+    train(tmp_path, "max_steps=6", f"phase={phase}", run="straight")
+    interrupted = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'resumed'}", "max_steps=6",
+                                                    f"phase={phase}"]))
     real_step = interrupted.train_step
 
     def crash_after_step_3():
@@ -61,10 +63,11 @@ def test_resume_is_exact(tmp_path):
     interrupted.train_step = crash_after_step_3
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    train(tmp_path, "max_steps=6", f"resume={tmp_path / 'resumed' / 'phase7_step_3.pt'}", run="resumed")
+    train(tmp_path, "max_steps=6", f"phase={phase}", f"resume={tmp_path / 'resumed' / f'{phase}_step_3.pt'}",
+          run="resumed")
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    a = load_checkpoint(tmp_path / "straight" / "phase7_final.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "phase7_final.pt")["model"]
+    a = load_checkpoint(tmp_path / "straight" / f"{phase}_final.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / f"{phase}_final.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
