@@ -291,8 +291,8 @@ class Trainer:
         if cfg.flops_budget > 0:
             print(f"flops_budget {cfg.flops_budget:.3g} = 6 x {model.num_params():,} params x "
                   f"{cfg.max_steps * cfg.tokens_per_step():,} tokens -> {cfg.max_steps} steps")
-        print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {cfg.phase} | {model.num_params(exclude_embedding=False) / 1e6:.1f}M params "
-              f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
+        print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {cfg.phase} | "
+              f"{model.num_params(exclude_embedding=False) / 1e6:.1f}M params ({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
               f"attention {model.attention_backend}{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
               f"{cfg.tokens_per_step():,} tokens/step | "

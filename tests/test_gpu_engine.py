@@ -38,8 +38,8 @@ def test_triton_model_matches_the_sdpa_model():
 @pytest.mark.parametrize("memory_mode", [False, True])
 def test_compiled_triton_training_learns(markov_data, tmp_path, memory_mode):
     cfg = load_config(None, SMALL + [f"data={markov_data}", "n_seq=128", "batch_size=16",
-                                     "gradient_accumulation_steps=2", "max_steps=60", "warmup_steps=10", "learning_rate=3e-3", "log_every=10",
-                                     "eval_every=60", "eval_batches=4", "save_every=60", "use_compile=true",
+                                     "gradient_accumulation_steps=2", "max_steps=60", "warmup_steps=10",
+                                     "learning_rate=3e-3", "log_every=10", "eval_every=60", "eval_batches=4", "save_every=60", "use_compile=true",
                                      "use_gradient_checkpointing=true", f"memory_mode={memory_mode}",
                                      f"out_dir={tmp_path / 'run'}"])
     Trainer(cfg).fit()
