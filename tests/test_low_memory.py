@@ -22,7 +22,7 @@ from engine.config import load_config  # noqa: E402
 from engine.low_memory import (BLOCK, BlockQuantized, InBackwardOptimizer, decode, encode,  # noqa: E402
                                estimate_memory_mode_bytes, prepare_model_for_memory_mode,
                                stochastic_round_to_bf16)
-from kernels.cross_entropy import linear_cross_entropy
+from phases.phase7 import next_token_loss  # noqa: E402
 from phases.phase7.model import Transformer
 
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -353,13 +353,10 @@ def test_memory_mode_trains_the_transformer():
     opt = InBackwardOptimizer(model, BETAS, EPS, 0.1, grad_clip=1.0)
     data = torch.randint(0, 64, (4, 17))
 
-    def next_token(m, batch):
-        hidden = m.hidden_states(batch[:, :-1])
-        return linear_cross_entropy(hidden.flatten(0, 1), m.lm_head.weight, batch[:, 1:].flatten())
-    start = next_token(model, data).item()
+    start = next_token_loss(model, data).item()
     for _ in range(30):
-        in_backward_step(model, opt, [data[:2], data[2:]], 1e-2, next_token)
-    assert next_token(model, data).item() < 0.5 * start
+        in_backward_step(model, opt, [data[:2], data[2:]], 1e-2, next_token_loss)
+    assert next_token_loss(model, data).item() < 0.5 * start
     assert all(p.grad is None and p.dtype == torch.bfloat16 for p in model.parameters())
 
 

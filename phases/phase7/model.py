@@ -112,13 +112,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, causal: bool):
+    def __init__(self, cfg: Config, causal: bool, backend: str):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.causal = causal
-        self.backend = attention_backend(cfg)
+        self.backend = backend
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
@@ -156,11 +156,11 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, causal: bool):
+    def __init__(self, cfg: Config, causal: bool, backend: str):
         super().__init__()
-        use_triton = attention_backend(cfg) == "triton"
+        use_triton = backend == "triton"
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, use_triton)
-        self.self_attn = Attention(cfg, causal)
+        self.self_attn = Attention(cfg, causal, backend)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, use_triton)
         self.mlp = SwiGLU(cfg.d_model, ffn_dim_for(cfg))
 
@@ -177,8 +177,8 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size or cfg.vocab_size
         self.attention_backend = attention_backend(cfg)
         self.embed_tokens = nn.Embedding(self.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, attention_backend(cfg) == "triton")
+        self.layers = nn.ModuleList(Block(cfg, causal, self.attention_backend) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, self.attention_backend == "triton")
         self.lm_head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.n_seq, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
