@@ -47,6 +47,7 @@ class Config:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "triton"  # triton (SDPA where Triton cannot run) | sdpa | eager | flash_attn
+    rms_norm: str = "triton"  # triton (PyTorch where Triton cannot run; fuses each block's residual add) | torch
 
     # --- optimisation ---
     max_steps: int = 1000
@@ -184,7 +185,8 @@ def validate(cfg: Config) -> None:
     kv_heads = cfg.n_kv_heads or cfg.n_heads
     if cfg.n_heads % kv_heads:
         raise ConfigError(f"n_heads ({cfg.n_heads}) must be divisible by n_kv_heads ({kv_heads})")
-    choices = {"attention": ["triton", "sdpa", "eager", "flash_attn"], "device": ["auto", "cuda", "cpu"],
+    choices = {"attention": ["triton", "sdpa", "eager", "flash_attn"], "rms_norm": ["triton", "torch"],
+               "device": ["auto", "cuda", "cpu"],
                "logger": ["json", "wandb"]}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

@@ -293,7 +293,8 @@ class Trainer:
                   f"{cfg.max_steps * cfg.tokens_per_step():,} tokens -> {cfg.max_steps} steps")
         print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {cfg.phase} | "
               f"{model.num_params(exclude_embedding=False) / 1e6:.1f}M params ({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
-              f"attention {model.attention_backend}{' | memory mode' if cfg.memory_mode else ''} | "
+              f"attention {model.attention_backend} | rms_norm {model.norm_backend}"
+              f"{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
               f"{cfg.tokens_per_step():,} tokens/step | "
               + (f"fast_dev_run: {cfg.fast_dev_run} steps, saves nothing" if cfg.fast_dev_run else

@@ -118,6 +118,10 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
+# Whether Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1 at import) or for a GPU.
+INTERPRETED = isinstance(_attn_fwd.fn, InterpretedFunction)
+
+
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
                     H, N_CTX_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -313,49 +317,74 @@ def _check_inputs(q, k, v, causal):
         raise ValueError("empty sequence")
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        B, n_q, H, D = q.shape
-        n_k = k.shape[1]
-        o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)  # base 2, scale folded in
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
-                        *_strides(o), H, n_q, n_k, HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        B, n_q, H, D = q.shape
-        n_k = k.shape[1]
-        do = _unit_last_stride(do)
-        delta = torch.empty_like(lse)
-        _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
-                                                                HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
-        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        scales = (ctx.softmax_scale * LOG2E, ctx.softmax_scale)
-        flags = dict(HEAD_DIM=D, CAUSAL=ctx.causal, PRECISION=_precision(q.dtype))
-        grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
-        _attn_bwd_dkdv[grid_k](q, k, v, do, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                               *_strides(do), *_strides(dk), *_strides(dv), H, n_q, n_k, **flags)
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                             *_strides(do), *_strides(dq), H, n_q, n_k, **flags)
-        return dq, dk, dv, None, None
+@torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward."""
+    B, n_q, H, D = q.shape
+    n_k = k.shape[1]
+    o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
+                    *_strides(o), H, n_q, n_k, HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    return o, lse
 
 
-@torch.compiler.disable  # a compiled block runs it as it is, between its graphs: never traced, never miscompiled
+@_forward.register_fake
+def _(q, k, v, causal, softmax_scale):
+    B, n_q, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, n_q, H, D = q.shape
+    n_k = k.shape[1]
+    do = _unit_last_stride(do)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
+                                                            HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    scales = (softmax_scale * LOG2E, softmax_scale)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
+    _attn_bwd_dkdv[grid_k](q, k, v, do, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
+                           *_strides(do), *_strides(dk), *_strides(dv), H, n_q, n_k, **flags)
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
+                         *_strides(do), *_strides(dq), H, n_q, n_k, **flags)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(do, q, k, v, o, lse, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _gradients(ctx, do, _lse_grad):
+    q, k, v, o, lse = ctx.saved_tensors
+    return *_backward(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale), None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+
+
 def flash_attention(q, k, v, causal=True, softmax_scale=None):
     """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q, k, v (batch, seq, heads, head_dim).
 
     fp16/bf16/fp32, head_dim in HEAD_DIMS, any sequence length; q, k, v on CUDA (or CPU under TRITON_INTERPRET=1).
+    Forward and backward are torch.library custom ops, so torch.compile keeps a block that calls this in one
+    graph and runs the kernels as they are, never tracing into them.
     """
     _check_inputs(q, k, v, causal)
-    if not (q.is_cuda or isinstance(_attn_fwd.fn, InterpretedFunction)):
+    if not (q.is_cuda or INTERPRETED):
         raise ValueError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -363,7 +392,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, causal, scale)
+    return _forward(q, k, v, causal, scale)[0]
 
 
 def attention_reference(q, k, v, causal=True, softmax_scale=None):
@@ -384,4 +413,4 @@ def triton_available() -> bool:
 
     Importing kernels needs triton (a Linux requirement); the model asks this before choosing the kernels.
     """
-    return torch.cuda.is_available() or isinstance(_attn_fwd.fn, InterpretedFunction)
+    return torch.cuda.is_available() or INTERPRETED

@@ -28,7 +28,7 @@ def _rms_norm_fwd(X, RES, W, Y, SUM, RSTD, stride_x, stride_res, stride_y, strid
         tl.store(SUM + row * stride_sum + cols, x, mask=in_row)
     x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 0) / N + eps)
-    normed = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    normed = (x * rstd).to(SUM.dtype.element_ty).to(tl.float32)  # SUM is X itself without a residual
     w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=in_row)
     tl.store(RSTD + row, rstd)
@@ -72,16 +72,13 @@ def _rows(t, n):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(x, residual, weight, eps):
-    if not (x.is_cuda or isinstance(_rms_norm_fwd, InterpretedFunction)):
-        raise ValueError("rms_norm needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+def _launch_forward(x, residual, weight, eps):
+    """(y, total, rstd): total is what got normalised (x, or x + residual) as (rows, n), rstd its 1/rms per row."""
     n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"weight must have shape ({n},); got {tuple(weight.shape)}")
     x2 = _rows(x, n)
     res2 = _rows(residual, n) if residual is not None else x2
-    total = torch.empty_like(x2) if residual is not None else x2  # what gets normalised (and saved)
-    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    total = x2 if residual is None else torch.empty(x2.shape, dtype=_sum_dtype(x, residual), device=x.device)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(total.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     block, warps = _launch_settings(n)
     _rms_norm_fwd[(x2.shape[0],)](x2, res2, weight, y, total, rstd, x2.stride(0), res2.stride(0), y.stride(0),
@@ -90,71 +87,122 @@ def _forward(x, residual, weight, eps):
     return y.view(*x.shape[:-1], n), total, rstd
 
 
-def _backward(dy, total, weight, rstd, dsum, shape):
-    n = total.shape[-1]
-    dy2 = _rows(dy, n)
-    dsum2 = _rows(dsum, n) if dsum is not None else dy2
-    dx = torch.empty_like(total)
-    n_rows = total.shape[0]
-    programs = max(1, min(n_rows, 4 * _processor_count(total.device)))
-    rows_per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, rows_per_program)
-    partial = torch.empty((programs, n), dtype=torch.float32, device=total.device)
-    block, warps = _launch_settings(n)
-    _rms_norm_bwd[(programs,)](dy2, total, weight, rstd, dsum2, dx, partial, dy2.stride(0), total.stride(0),
-                               dsum2.stride(0), dx.stride(0), n_rows, rows_per_program, n,
-                               HAS_DSUM=dsum is not None, BLOCK=block, num_warps=warps)
-    return dx.view(shape), partial.sum(0).to(weight.dtype)
-
-
 def _processor_count(device):
     """SMs on CUDA (enough programs to fill them, few dweight partials); a handful in the interpreter."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, x2, rstd = _forward(x, None, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = x.shape
-        return y
+# Forward and backward are torch.library custom ops: torch.compile keeps a block that calls them in one graph and
+# runs the kernels as they are. An op's outputs may not alias its inputs, hence x2 is not returned by _forward.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dweight = _backward(dy, x2, weight, rstd, None, ctx.shape)
-        return dx, dweight, None
+@torch.library.custom_op("kernels::rms_norm_forward", mutates_args=())
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd = _launch_forward(x, None, weight, eps)
+    return y, rstd
 
 
-class _RMSNormResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, total, rstd = _forward(x, residual, weight, eps)
-        ctx.save_for_backward(total, weight, rstd)
-        ctx.shape = x.shape
-        return y, total.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy, dsum):
-        total, weight, rstd = ctx.saved_tensors
-        dx, dweight = _backward(dy, total, weight, rstd, dsum, ctx.shape)
-        return dx, dx, dweight, None
+@_forward.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), _fake_rstd(x)
 
 
-@torch.compiler.disable  # as flash_attention: compiled blocks call it between their graphs
+@torch.library.custom_op("kernels::rms_norm_residual_forward", mutates_args=())
+def _forward_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, total, rstd = _launch_forward(x, residual, weight, eps)
+    return y, total.view(x.shape), rstd
+
+
+@_forward_residual.register_fake
+def _(x, residual, weight, eps):
+    total_dtype = _sum_dtype(x, residual)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(total_dtype, weight.dtype)),
+            x.new_empty(x.shape, dtype=total_dtype), _fake_rstd(x))
+
+
+def _sum_dtype(x, residual):
+    """x + residual's dtype: a bf16 block output added to an fp32 residual stream stays fp32."""
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
+def _fake_rstd(x):
+    return x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::rms_norm_backward", mutates_args=())
+def _backward(dy: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight); dsum, the gradient reaching x + residual directly, is added to dx."""
+    n = total.shape[-1]
+    total2, dy2 = _rows(total, n), _rows(dy, n)
+    dsum2 = _rows(dsum, n) if dsum is not None else dy2
+    dx = torch.empty_like(total2)
+    n_rows = total2.shape[0]
+    programs = max(1, min(n_rows, 4 * _processor_count(total.device)))
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    partial = torch.empty((programs, n), dtype=torch.float32, device=total.device)
+    block, warps = _launch_settings(n)
+    _rms_norm_bwd[(programs,)](dy2, total2, weight, rstd, dsum2, dx, partial, dy2.stride(0), total2.stride(0),
+                               dsum2.stride(0), dx.stride(0), n_rows, rows_per_program, n,
+                               HAS_DSUM=dsum is not None, BLOCK=block, num_warps=warps)
+    return dx.view(total.shape), partial.sum(0).to(weight.dtype)
+
+
+@_backward.register_fake
+def _(dy, total, weight, rstd, dsum):
+    return total.new_empty(total.shape), weight.new_empty(weight.shape)
+
+
+def _save_norm(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _norm_gradients(ctx, dy, _rstd_grad):
+    x, weight, rstd = ctx.saved_tensors
+    return *_backward(dy, x, weight, rstd, None), None
+
+
+def _save_norm_residual(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[2], output[2])
+    ctx.x_dtype = inputs[0].dtype
+
+
+def _norm_residual_gradients(ctx, dy, dsum, _rstd_grad):
+    total, weight, rstd = ctx.saved_tensors
+    dx, dweight = _backward(dy, total, weight, rstd, dsum)
+    return dx.to(ctx.x_dtype), dx, dweight, None
+
+
+_forward.register_autograd(_norm_gradients, setup_context=_save_norm)
+_forward_residual.register_autograd(_norm_residual_gradients, setup_context=_save_norm_residual)
+
+
+def _check(x, weight):
+    if not (x.is_cuda or isinstance(_rms_norm_fwd, InterpretedFunction)):
+        raise ValueError("rms_norm needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must have shape ({x.shape[-1]},); got {tuple(weight.shape)}")
+    _launch_settings(x.shape[-1])  # rejects hidden sizes too wide for a row in registers
+
+
 def rms_norm(x, weight, eps=1e-6):
     """x * rsqrt(mean(x^2) + eps) * weight over the last dim; x fp16/bf16/fp32 of any leading shape."""
-    return _RMSNorm.apply(x, weight, eps)
+    _check(x, weight)
+    return _forward(x, weight, eps)[0]
 
 
-@torch.compiler.disable  # as flash_attention: compiled blocks call it between their graphs
 def rms_norm_residual(x, residual, weight, eps=1e-6):
-    """(rms_norm(x + residual), x + residual) in one pass: a pre-norm block's residual add and next norm."""
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"residual must match x: {tuple(residual.shape)} {residual.dtype} vs "
-                         f"{tuple(x.shape)} {x.dtype}")
-    return _RMSNormResidual.apply(x, residual, weight, eps)
+    """(rms_norm(x + residual), x + residual) in one pass: a pre-norm block's residual add and next norm.
+
+    The sum takes the wider of the two dtypes (a bf16 block output joins an fp32 residual stream in fp32) and is
+    normalised as the reference normalises x."""
+    _check(x, weight)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape: {tuple(residual.shape)} vs {tuple(x.shape)}")
+    y, total, _ = _forward_residual(x, residual, weight, eps)
+    return y, total
 
 
 def rms_norm_reference(x, weight, eps=1e-6):

@@ -14,7 +14,8 @@ from engine.config import ConfigError
 class Phase:
     name: str
     # Config -> nn.Module. The module exposes num_params(exclude_embedding=True) and flops_per_token(n_seq)
-    # for MFU and FLOPs budgets, compile_blocks() for use_compile, and attention_backend (a name, for logs).
+    # for MFU and FLOPs budgets, compile_blocks() for use_compile, and the names attention_backend and
+    # norm_backend for the run header.
     build_model: Callable
     # (model, batch of token ids (B, n_seq + 1)) -> scalar training loss. Randomness (e.g. diffusion
     # noise) comes from torch's global RNG, whose state checkpoints save, so resume stays exact.

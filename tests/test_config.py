@@ -36,6 +36,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("use_compile=maybe", "expects bool"),
     ("n_layers", "expected key=value"),
     ("attention=magic", "must be one of"),
+    ("rms_norm=apex", "rms_norm.*must be one of triton, torch"),
     ("d_model=102", "divisible by n_heads"),
     ("batch_size=0", "must be > 0"),
 ])

@@ -18,17 +18,23 @@ pytestmark = pytest.mark.gpu
 SMALL = ["vocab_size=64", "n_seq=256", "d_model=256", "n_heads=2", "n_layers=2", "ffn_dim=512", "device=cuda"]
 
 
-def test_triton_model_matches_the_sdpa_model():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_triton_model_matches_the_pytorch_model(compiled):
+    """Triton attention + RMSNorm (with the fused residual add) against SDPA + the PyTorch RMSNorm; compiled
+    with fullgraph=True, which fails if a block does not compile into one graph around the kernels."""
     batch = torch.randint(0, 64, (2, 256), device="cuda")
     outputs = []
-    for attention in ("triton", "sdpa"):
+    for attention, norm in (("triton", "triton"), ("sdpa", "torch")):
         torch.manual_seed(0)
-        model = Transformer(load_config(None, SMALL + [f"attention={attention}"])).cuda()
+        model = Transformer(load_config(None, SMALL + [f"attention={attention}", f"rms_norm={norm}"])).cuda()
+        if compiled:
+            for layer in model.layers:
+                layer.compile(fullgraph=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(batch).float()
         logits.square().mean().backward()
         outputs.append((logits, [p.grad.float() for p in model.parameters()]))
-        assert model.attention_backend == attention
+        assert (model.attention_backend, model.norm_backend) == (attention, norm)
     (ours, our_grads), (peer, peer_grads) = outputs
     torch.testing.assert_close(ours, peer, atol=3e-2, rtol=3e-2)
     for a, b in zip(our_grads, peer_grads):

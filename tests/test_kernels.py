@@ -120,10 +120,13 @@ def norm_outputs_and_grads(fn, x, weight, dy, dtype, weight_dtype=None):
     return [t.double() for t in (y, x.grad, weight.grad)]
 
 
-def residual_outputs_and_grads(fn, x, residual, weight, dy, dsum, dtype):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, residual, weight)]
+def residual_outputs_and_grads(fn, x, residual, weight, dy, dsum, dtype, stream_dtype=None):
+    """fn's outputs and gradients with x in dtype, residual and weight in stream_dtype (default: dtype)."""
+    stream_dtype = stream_dtype or dtype
+    leaves = [t.detach().to(d).requires_grad_() for t, d in ((x, dtype), (residual, stream_dtype),
+                                                             (weight, stream_dtype))]
     y, total = fn(*leaves, eps=1e-6)
-    torch.autograd.backward([y, total], [dy.to(dtype), dsum.to(dtype)])
+    torch.autograd.backward([y, total], [dy.to(y.dtype), dsum.to(total.dtype)])
     return [t.double() for t in (y, total, *(leaf.grad for leaf in leaves))]
 
 
@@ -156,12 +159,16 @@ def test_rms_norm_half_precision_is_as_close_as_the_reference(dtype, weight_dtyp
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_residual_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,stream_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                (torch.bfloat16, torch.float32)])  # a bf16 output, fp32 stream
+def test_rms_norm_residual_matches_reference(dtype, stream_dtype):
     x, weight, residual, dy, dsum = norm_inputs((3, 7, 96), dtype)
-    ours = residual_outputs_and_grads(rms_norm_residual, x, residual, weight, dy, dsum, dtype)
-    peer = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, dtype)
+    ours = residual_outputs_and_grads(rms_norm_residual, x, residual, weight, dy, dsum, dtype, stream_dtype)
+    peer = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, dtype,
+                                      stream_dtype)
     gold = residual_outputs_and_grads(rms_norm_residual_reference, x, residual, weight, dy, dsum, torch.float64)
+    assert [t.dtype for t in rms_norm_residual(x.to(dtype), residual.to(stream_dtype or dtype),
+                                               weight.to(stream_dtype or dtype))] == [stream_dtype or dtype] * 2
     floor = 1e-5 if dtype == torch.float32 else ERROR_FLOOR[dtype]
     names = ["normed", "x + residual", "dx", "dresidual", "dweight"]
     for name, o, p in zip(names, max_errors(ours, gold), max_errors(peer, gold)):
@@ -177,6 +184,50 @@ def test_rms_norm_residual_when_only_the_normed_output_is_used():
     rms_norm_residual_reference(*gold_leaves)[0].backward(dy)
     for ours, gold in zip(leaves, gold_leaves):
         torch.testing.assert_close(ours.grad.double(), gold.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------
+
+def attention_block(x, residual, weight):
+    """The kernels as a pre-norm block uses them: residual add + norm, attention, norm."""
+    normed, total = rms_norm_residual(x, residual, weight)
+    q = normed.unflatten(-1, (2, 16))
+    out = flash_attention(q, q * 0.5, q.flip(-1), causal=True).flatten(-2)
+    return rms_norm(out + total, weight)
+
+
+@needs_triton
+def test_torch_compile_keeps_the_kernels_in_one_graph_with_the_same_results():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward through the ops' fake
+    versions (no C++ compiler needed, so this runs in CI) and then runs the real kernels."""
+    x, weight, residual, _, _ = norm_inputs((2, 19, 32), torch.float32)
+    results = []
+    for fn in (attention_block, torch.compile(attention_block, fullgraph=True, backend="aot_eager")):
+        leaves = [t.float().requires_grad_() for t in (x, residual, weight)]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        results.append([out, *(leaf.grad for leaf in leaves)])
+    for name, eager, compiled in zip(["out", "dx", "dresidual", "dweight"], *results):
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@needs_triton
+def test_custom_ops_pass_torch_library_opcheck():
+    """Schema, fake (meta) versions and autograd registration agree with the real kernels."""
+    q, k, v, _ = (t.float() for t in random_inputs(1, 9, 2, 16, torch.float32, DEVICE))
+    x, weight, residual, dy, _ = (t.float() for t in norm_inputs((3, 24), torch.float32))
+    o, lse = torch.ops.kernels.flash_attention_forward(q, k, v, True, 0.25)
+    rstd = torch.ops.kernels.rms_norm_forward(x, weight, 1e-6)[1]
+    cases = [
+        (torch.ops.kernels.flash_attention_forward, (q.requires_grad_(), k, v, True, 0.25)),
+        (torch.ops.kernels.flash_attention_backward, (torch.randn_like(o), q.detach(), k, v, o, lse, True, 0.25)),
+        (torch.ops.kernels.rms_norm_forward, (x.requires_grad_(), weight, 1e-6)),
+        (torch.ops.kernels.rms_norm_residual_forward, (x, residual, weight.requires_grad_(), 1e-6)),
+        (torch.ops.kernels.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, None)),
+        (torch.ops.kernels.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, residual)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
 
 
 # --- GPU, training sizes -----------------------------------------------------------------------------------

@@ -177,17 +177,18 @@ def test_fused_cross_entropy_is_the_plain_loss_and_gradient():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_triton_attention_falls_back_to_sdpa_where_it_cannot_run(monkeypatch):
-    from phases.phase7.model import attention_backend
+def test_triton_kernels_fall_back_to_pytorch_where_they_cannot_run(monkeypatch):
+    from phases.phase7.model import attention_backend, norm_backend
 
     cfg = load_config(None, TINY)
-    assert cfg.attention == "triton"
+    assert (cfg.attention, cfg.rms_norm) == ("triton", "triton")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert attention_backend(cfg) == "triton"
+    assert (attention_backend(cfg), norm_backend(cfg)) == ("triton", "triton")
     assert attention_backend(load_config(None, TINY + ["d_model=48"])) == "sdpa"  # head size 24
     assert attention_backend(load_config(None, TINY + ["use_flash_attention=false"])) == "sdpa"
+    assert norm_backend(load_config(None, TINY + ["rms_norm=torch"])) == "torch"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attention_backend(cfg) == "sdpa"
+    assert (attention_backend(cfg), norm_backend(cfg)) == ("sdpa", "torch")
 
 
 def test_flash_attn_backend_without_the_package_is_a_clear_error():

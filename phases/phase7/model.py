@@ -25,12 +25,20 @@ def attention_backend(cfg: Config) -> str:
     if not cfg.use_flash_attention:
         return "sdpa"
     if cfg.attention == "triton":
-        usable = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-        return "triton" if usable and cfg.d_model // cfg.n_heads in TRITON_HEAD_DIMS else "sdpa"
+        return "triton" if triton_usable() and cfg.d_model // cfg.n_heads in TRITON_HEAD_DIMS else "sdpa"
     if cfg.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("attention=flash_attn but flash-attn is not installed: "
                           "pip install flash-attn --no-build-isolation, or use attention=triton")
     return cfg.attention
+
+
+def triton_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def norm_backend(cfg: Config) -> str:
+    """rms_norm=triton runs kernels/norm.py where Triton can run, the PyTorch RMSNorm elsewhere."""
+    return "triton" if cfg.rms_norm == "triton" and triton_usable() else "torch"
 
 
 def ffn_dim_for(cfg: Config) -> int:
@@ -47,10 +55,16 @@ class RMSNorm(nn.Module):
         self.use_triton = use_triton  # the Triton kernel runs on CUDA tensors only
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """norm(x); given a residual, (norm(x + residual), x + residual), one pass over memory with Triton."""
         if self.use_triton and x.is_cuda:
-            from kernels.norm import rms_norm
-            return rms_norm(x, self.weight, self.eps)
+            from kernels.norm import rms_norm, rms_norm_residual
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return rms_norm_residual(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+            return self.forward(x), x
         # Llama semantics: normalise in fp32, cast back, then scale.
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -156,17 +170,17 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, causal: bool, backend: str):
+    def __init__(self, cfg: Config, causal: bool, backend: str, triton_norm: bool):
         super().__init__()
-        use_triton = backend == "triton"
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, use_triton)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
         self.self_attn = Attention(cfg, causal, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, use_triton)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
         self.mlp = SwiGLU(cfg.d_model, ffn_dim_for(cfg))
 
     def forward(self, x, cos, sin, cache=None, layer=0, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        normed, x = self.post_attention_layernorm(attn_out, residual=x)
+        return x + self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -176,9 +190,12 @@ class Transformer(nn.Module):
         self.causal = causal
         self.vocab_size = vocab_size or cfg.vocab_size
         self.attention_backend = attention_backend(cfg)
+        self.norm_backend = norm_backend(cfg)
+        triton_norm = self.norm_backend == "triton"
         self.embed_tokens = nn.Embedding(self.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, causal, self.attention_backend) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, self.attention_backend == "triton")
+        self.layers = nn.ModuleList(Block(cfg, causal, self.attention_backend, triton_norm)
+                                    for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
         self.lm_head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.n_seq, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
