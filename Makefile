@@ -114,8 +114,8 @@ chat: $(ENV) ## chat with any checkpoint or run folder: CHECKPOINT=...
 	$(call need_checkpoint,checkpoints/phase7_test)
 	$(PYTHON) -m engine.chat $(CHECKPOINT) $(ARGS)
 
-bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8]
-	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(ARGS)
+bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8] [LEVERS=1]
+	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(LEVERS),--levers) $(ARGS)
 
 bench-kernels: $(ENV) ## GPU: our attention and RMSNorm kernels against SDPA / cuDNN / F.rms_norm
 	$(PYTHON) -m bench.bench_kernels $(ARGS)

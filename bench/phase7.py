@@ -4,11 +4,14 @@ Times optimizer steps of the real engine (engine.train.Trainer on dummy data) af
 tok/s, MFU, peak memory, and the deepest model of this width that fits. With --peer, transformers'
 LlamaForCausalLM with the same dims (bf16 autocast, fused AdamW, SDPA, torch.compile) runs in the same
 process, so the ratio is meaningful. --mem-gb caps the process's GPU memory and runs ours in memory mode
-(bf16 weights, 8-bit AdamW inside backward, checkpointing). Results are appended to bench/RESULTS.md.
+(bf16 weights, 8-bit AdamW inside backward, checkpointing). --levers starts from plain eager PyTorch and turns
+our optimisations on one at a time, each row timed in the same process. Results are appended to
+bench/RESULTS.md.
 """
 
 import argparse
 import datetime
+import gc
 import platform
 import sys
 import time
@@ -21,6 +24,15 @@ from engine.train import Trainer, autocast_for, build_optimizer, peak_flops
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CONFIG = "configs/phase7_1.5b_triton.yaml"
+# Cumulative: each row keeps the switches of the rows above it and adds its own.
+LEVERS = [
+    ("eager: SDPA, PyTorch RMSNorm, full logits", ["use_compile=false", "attention=sdpa", "rms_norm=torch",
+                                                   "fused_cross_entropy=false"]),
+    ("+ torch.compile per block", ["use_compile=true"]),
+    ("+ Triton attention", ["attention=triton"]),
+    ("+ Triton RMSNorm with the residual add", ["rms_norm=triton"]),
+    ("+ chunked linear cross-entropy", ["fused_cross_entropy=true"]),
+]
 
 
 def bench_overrides(args) -> list[str]:
@@ -44,16 +56,35 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_ours(args, n_layers=None) -> dict:
-    overrides = bench_overrides(args) + ([f"n_layers={n_layers}"] if n_layers else [])
+def run_ours(args, n_layers=None, switches=(), name=None) -> dict:
+    overrides = bench_overrides(args) + list(switches) + ([f"n_layers={n_layers}"] if n_layers else [])
     trainer = Trainer(load_config(CONFIG, overrides))
 
     def step():
         trainer.train_step()
         trainer.apply_update()
 
-    name = "ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)"
+    name = name or ("ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)")
     return measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), step, args)
+
+
+def run_levers(args) -> list[dict]:
+    rows, switches = [], []
+    for name, lever in LEVERS:
+        switches += lever
+        rows.append(run_ours(args, switches=switches, name=name))
+        if len(rows) > 1:
+            rows[-1]["gain"] = rows[-1]["tok_per_s"] / rows[-2]["tok_per_s"]
+        print(table(rows[-1:]), flush=True)
+        free_gpu()
+    return rows
+
+
+def free_gpu() -> None:
+    """Drop compiled graphs and cached blocks between runs, so each starts from the same free memory."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def run_peer(args) -> dict:
@@ -101,16 +132,19 @@ def deepest_that_fits(args) -> int:
             low = mid
         except torch.cuda.OutOfMemoryError:
             high = mid - 1
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+        free_gpu()
     return low
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | layers | tok/s | MFU | peak GiB |", "|---|---|---|---|---|"]
+    """Markdown rows; a `gain` column (tok/s over the row above) when any row has one."""
+    gains = any("gain" in r for r in rows)
+    lines = ["| run | layers | tok/s | MFU | peak GiB |" + (" gain |" if gains else ""),
+             "|---|---|---|---|---|" + ("---|" if gains else "")]
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] else "-"
-        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {r['peak_gib']:.2f} |")
+        gain = (f" {r['gain']:.3f}x |" if "gain" in r else " - |") if gains else ""
+        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {r['peak_gib']:.2f} |{gain}")
     return "\n".join(lines)
 
 
@@ -118,6 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", action="store_true", help="also time HF Llama + torch.compile")
     parser.add_argument("--mem-gb", type=float, help="cap this process to this many GiB of GPU memory")
+    parser.add_argument("--levers", action="store_true", help="turn our optimisations on one at a time")
     parser.add_argument("--batch-size", type=int, help="micro-batch (default 8; 4 with --mem-gb)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
@@ -131,10 +166,14 @@ def main() -> int:
     if args.mem_gb:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gb * 2**30 / total))
+    if args.levers:
+        rows = run_levers(args)
+        print(table(rows))
+        record(rows, None, args)
+        return 0
     rows = [run_ours(args)]
     if args.peer:
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+        free_gpu()
         try:
             rows.append(run_peer(args))
         except torch.cuda.OutOfMemoryError:

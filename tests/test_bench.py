@@ -1,0 +1,43 @@
+"""The benchmarks' CPU-checkable parts: their lever ladder is valid configs, and without a GPU they refuse."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import phase7
+from engine.config import load_config
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_each_lever_row_changes_only_its_own_switches():
+    args = argparse.Namespace(batch_size=8, mem_gb=None, overrides=[])
+    switches, previous = [], None
+    for name, lever in phase7.LEVERS:
+        switches += lever
+        cfg = load_config(phase7.CONFIG, phase7.bench_overrides(args) + switches).to_dict()
+        if previous is not None:
+            changed = {key for key in cfg if cfg[key] != previous[key]}
+            assert changed == {s.split("=")[0] for s in lever}, f"{name}: changes {changed}"
+        previous = cfg
+    assert (cfg["attention"], cfg["rms_norm"], cfg["use_compile"], cfg["fused_cross_entropy"]) == \
+        ("triton", "triton", True, True)  # the last row is the shipped recipe's speed settings
+
+
+def test_table_shows_the_gain_over_the_row_above():
+    rows = [{"name": "a", "n_layers": 24, "tok_per_s": 1000.0, "mfu": 0.3, "peak_gib": 3.0},
+            {"name": "b", "n_layers": 24, "tok_per_s": 1250.0, "mfu": None, "peak_gib": 3.5, "gain": 1.25}]
+    lines = phase7.table(rows).splitlines()
+    assert lines[0].endswith("gain |") and lines[2].endswith("| - |") and lines[3].endswith("| 1.250x |")
+    assert "gain" not in phase7.table(rows[:1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+@pytest.mark.parametrize("module", ["bench.phase7", "bench.bench_kernels"])
+def test_gpu_benchmarks_without_cuda_are_a_one_line_error(module):
+    result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
