@@ -27,11 +27,12 @@ CONFIG = "configs/phase7_1.5b_triton.yaml"
 # Cumulative: each row keeps the switches of the rows above it and adds its own.
 LEVERS = [
     ("eager: SDPA, PyTorch RMSNorm, full logits", ["use_compile=false", "attention=sdpa", "rms_norm=torch",
-                                                   "fused_cross_entropy=false"]),
+                                                   "fused_cross_entropy=false", "fused_projections=false"]),
     ("+ torch.compile per block", ["use_compile=true"]),
     ("+ Triton attention", ["attention=triton"]),
     ("+ Triton RMSNorm with the residual add", ["rms_norm=triton"]),
     ("+ chunked linear cross-entropy", ["fused_cross_entropy=true"]),
+    ("+ fused q/k/v and gate/up matmuls", ["fused_projections=true"]),
 ]
 
 

@@ -73,6 +73,7 @@ class Config:
     use_fused_optimizer: bool = True  # fused AdamW on CUDA
     use_compile: bool = False  # torch.compile each Transformer block (CUDA only)
     fused_cross_entropy: bool = True  # lm_head + cross-entropy in chunks of tokens: never the full logits
+    fused_projections: bool = True  # one matmul for q, k, v and one for gate, up (weights concatenated per call)
     memory_mode: bool = False  # bf16 weights, 8-bit AdamW applied inside backward (engine/low_memory.py)
 
     # --- logging, evaluation, checkpoints ---

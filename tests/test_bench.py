@@ -23,8 +23,8 @@ def test_each_lever_row_changes_only_its_own_switches():
             changed = {key for key in cfg if cfg[key] != previous[key]}
             assert changed == {s.split("=")[0] for s in lever}, f"{name}: changes {changed}"
         previous = cfg
-    assert (cfg["attention"], cfg["rms_norm"], cfg["use_compile"], cfg["fused_cross_entropy"]) == \
-        ("triton", "triton", True, True)  # the last row is the shipped recipe's speed settings
+    assert (cfg["attention"], cfg["rms_norm"], cfg["use_compile"], cfg["fused_cross_entropy"],
+            cfg["fused_projections"]) == ("triton", "triton", True, True, True)  # the recipe's speed settings
 
 
 def test_table_shows_the_gain_over_the_row_above():

@@ -29,6 +29,22 @@ def test_attention_backends_agree():
     torch.testing.assert_close(tiny("attention=sdpa")(x), tiny("attention=eager")(x), atol=1e-5, rtol=1e-4)
 
 
+def test_fused_projections_give_the_same_loss_and_gradients():
+    """One matmul for q/k/v (grouped kv heads: unequal widths) and gate/up, against one per projection."""
+    batch = torch.randint(0, 97, (2, 41))
+    results = []
+    for fused in ("true", "false"):
+        model = tiny("n_kv_heads=2", f"fused_projections={fused}")
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        assert fused_grads[name].is_contiguous()  # the optimizers' fused kernels expect it
+
+
 def test_export_to_hf_llama_is_a_rename_with_same_logits():
     model = tiny("n_kv_heads=2").eval()
     hf = to_hf(model.cfg, model.state_dict()).eval()

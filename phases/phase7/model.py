@@ -125,9 +125,18 @@ class KVCache:
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
 
+def fused_linear(x, *linears):
+    """x through several bias-free projections as one matmul, split back: one wide GEMM instead of several
+    narrow ones reading x again (and, in backward, one dx instead of a sum). Parameters stay separate, so
+    checkpoints and the Hugging Face export keep one weight per projection."""
+    weight = torch.cat([linear.weight for linear in linears])
+    return F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, causal: bool, backend: str):
         super().__init__()
+        self.fused = cfg.fused_projections
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -140,9 +149,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0, start=0):
         B, S, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, S, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.fused:
+            q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
         mask = None
         causal = self.causal
         if cache is not None:
@@ -159,14 +172,19 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, fused: bool):
         super().__init__()
+        self.fused = fused
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = fused_linear(x, self.gate_proj, self.up_proj)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -175,7 +193,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
         self.self_attn = Attention(cfg, causal, backend)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
-        self.mlp = SwiGLU(cfg.d_model, ffn_dim_for(cfg))
+        self.mlp = SwiGLU(cfg.d_model, ffn_dim_for(cfg), cfg.fused_projections)
 
     def forward(self, x, cos, sin, cache=None, layer=0, start=0):
         attn_out = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
