@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run exactly, written atomically, loaded without pickle code.
 
 A checkpoint is a dict of tensors and plain values (torch.load(weights_only=True) accepts it):
-phase, config, model, optimizer, step, tokens_seen, data_position, best_val_loss, rng, tokenizer.
+phase, config, model, optimizer, step, tokens_seen, sequences_drawn, best_val_loss, rng, tokenizer.
 The learning-rate schedule is a pure function of the step, so `step` is its whole state.
 """
 

@@ -8,8 +8,9 @@ import torch
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError
 
-OOM_HINT = ("CUDA out of memory: lower batch_size (raise gradient_accumulation_steps to keep tokens/step), "
-            "set use_gradient_checkpointing=true, lower n_seq, or use `make train-phase7-small`")
+OOM_HINT = ("CUDA out of memory: set micro_batch_size=auto (or lower batch_size and raise "
+            "gradient_accumulation_steps to keep tokens/step), set use_gradient_checkpointing=true, lower n_seq, "
+            "or use `make train-phase7-small`")
 
 
 def user_errors() -> tuple[type[Exception], ...]:

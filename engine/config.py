@@ -54,6 +54,9 @@ class Config:
     flops_budget: float = 0.0  # >0 sets max_steps = budget / (6 N x tokens per step), N = non-embedding params
     batch_size: int = 8  # sequences per micro-step
     gradient_accumulation_steps: int = 1
+    # Re-split each step's batch_size x gradient_accumulation_steps sequences into micro-batches of N, or with
+    # auto of the largest N that fits the GPU: same sequences and loss per step, another split. "": as given.
+    micro_batch_size: str = ""
     learning_rate: float = 3e-4
     min_lr: float = 3e-5  # cosine decays to this
     warmup_steps: int = 100
@@ -192,6 +195,12 @@ def validate(cfg: Config) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    if cfg.micro_batch_size not in ("", "auto") and not (cfg.micro_batch_size.isdigit() and
+                                                         0 < int(cfg.micro_batch_size) and
+                                                         per_step % int(cfg.micro_batch_size) == 0):
+        raise ConfigError(f"micro_batch_size must be auto or a divisor of batch_size x gradient_accumulation_steps"
+                          f" = {per_step}; got '{cfg.micro_batch_size}'")
     if not 0 <= cfg.min_lr <= cfg.learning_rate:
         raise ConfigError(f"min_lr ({cfg.min_lr}) must be between 0 and learning_rate ({cfg.learning_rate})")
 

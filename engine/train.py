@@ -5,6 +5,7 @@ autocast, backward, clip, AdamW, log, evaluate, save. The phase decides the mode
 """
 
 import contextlib
+import gc
 import json
 import math
 import sys
@@ -83,6 +84,17 @@ def autocast_for(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def to_cpu(state):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
+
+
 def open_wandb(cfg: Config):
     """A wandb run, online only when the user is logged in, so a run never blocks on the network."""
     import wandb
@@ -122,9 +134,10 @@ class Trainer:
         if cfg.flops_budget > 0:
             cfg.max_steps = steps_for_budget(cfg, self.model.num_params())
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        # micro_batches counts the training batches drawn: a skipped step's batches are not drawn again
-        self.step, self.tokens_seen, self.micro_batches, self.best_val_loss = 0, 0, 0, float("inf")
+        # sequences_drawn counts the training sequences used: a skipped step's batches are not drawn again
+        self.step, self.tokens_seen, self.sequences_drawn, self.best_val_loss = 0, 0, 0, float("inf")
         self.log: list[dict] = []
+        self.micro_batch_size, self.accumulation_steps = self.split_of_each_step()
         if resume_state is not None:
             self.resume(resume_state)
         if cfg.use_compile:
@@ -136,10 +149,62 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.n_seq)
         self.peak_flops = peak_flops(self.device)
 
+    def split_of_each_step(self) -> tuple[int, int]:
+        """(micro-batch size, micro-batches per step): the config's, or its micro_batch_size re-split."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        if cfg.micro_batch_size == "":
+            return cfg.batch_size, cfg.gradient_accumulation_steps
+        if cfg.micro_batch_size != "auto":
+            size = int(cfg.micro_batch_size)
+        elif self.device.type != "cuda":
+            size = cfg.batch_size
+            print(f"micro_batch_size=auto: no GPU memory to fit, micro-batches of {size} as configured")
+        else:
+            size = self.largest_micro_batch_that_fits(per_step)
+            print(f"micro_batch_size=auto: {size} sequences x {per_step // size} micro-steps per step fit")
+        return size, per_step // size
+
+    def largest_micro_batch_that_fits(self, per_step: int) -> int:
+        """Try one real training micro-step at each divisor of per_step, largest first, until one does not run
+        out of memory; then put the weights, optimizer and RNG back as they were, so trying left no trace."""
+        saved = {"model": to_cpu(self.model.state_dict()), "optimizer": to_cpu(self.optimizer.state_dict()),
+                 "rng": ckpt.rng_state()}
+        try:
+            for size in (n for n in range(per_step, 0, -1) if per_step % n == 0):
+                if self.micro_step_fits(size):
+                    return size
+            raise TrainingError("even micro-batch 1 runs out of GPU memory: set use_gradient_checkpointing=true "
+                                "or memory_mode=true, or shrink the model or n_seq")
+        finally:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            ckpt.restore_rng(saved["rng"])
+            self.sequences_drawn = 0
+
+    def micro_step_fits(self, size: int) -> bool:
+        self.micro_batch_size, self.accumulation_steps = size, 1
+        try:
+            self.train_step()
+            self.apply_update(finite=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()  # an asynchronous failure surfaces here, not in the real run
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.tokens_seen, self.micro_batches = state["step"], state["tokens_seen"], state["data_position"]
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        # Checkpoints before micro_batch_size counted micro-batches of the saved batch_size instead.
+        self.sequences_drawn = state.get("sequences_drawn",
+                                         state.get("data_position", 0) * state["config"]["batch_size"])
         self.best_val_loss = state["best_val_loss"]
         ckpt.restore_rng(state["rng"])
         log_file = self.out_dir / "training_log.json"
@@ -155,7 +220,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "data_position": self.micro_batches,
+            "sequences_drawn": self.sequences_drawn,
             "best_val_loss": self.best_val_loss,
             "rng": ckpt.rng_state(),
             "tokenizer": self.cfg.tokenizer,
@@ -165,8 +230,8 @@ class Trainer:
         if self.saving:
             ckpt.save_checkpoint(self.out_dir / f"{self.cfg.phase}_{name}.pt", self.checkpoint_state())
 
-    def batch(self, stream, index: int) -> torch.Tensor:
-        tokens = stream.batch(index, self.cfg.batch_size)
+    def batch(self, stream, index: int, size: int) -> torch.Tensor:
+        tokens = stream.batch(index, size)
         if self.device.type == "cuda":
             return tokens.pin_memory().to(self.device, non_blocking=True)
         return tokens.to(self.device)
@@ -177,14 +242,14 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with autocast_for(self.cfg, self.device):
             for i in range(self.cfg.eval_batches):
-                total += self.eval_loss(self.model, self.batch(self.val_data, i)).float()
+                total += self.eval_loss(self.model, self.batch(self.val_data, i, self.cfg.batch_size)).float()
         self.model.train()
         return total.item() / self.cfg.eval_batches
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over gradient_accumulation_steps micro-batches; returns (loss, grad norm) as
-        device tensors. apply_update() then steps, except in memory mode, where backward already updated."""
-        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        """Forward and backward over the step's micro-batches; returns (loss, grad norm) as device tensors.
+        apply_update() then steps, except in memory mode, where backward already updated."""
+        cfg, accum, size = self.cfg, self.accumulation_steps, self.micro_batch_size
         lr = lr_at(self.step + 1, cfg)
         if cfg.memory_mode:
             self.optimizer.begin_step(lr, accum)
@@ -193,8 +258,9 @@ class Trainer:
                 group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = self.batch(self.train_data, self.micro_batches)
-            self.micro_batches += 1
+            # Windows are numbered consecutively, so any split of a step draws the same sequences.
+            batch = self.batch(self.train_data, self.sequences_drawn // size, size)
+            self.sequences_drawn += size
             with autocast_for(cfg, self.device):
                 loss = self.phase.loss(self.model, batch) / accum
             if cfg.memory_mode:
@@ -296,7 +362,7 @@ class Trainer:
               f"attention {model.attention_backend} | rms_norm {model.norm_backend}"
               f"{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
-              f"{cfg.tokens_per_step():,} tokens/step | "
+              f"{cfg.tokens_per_step():,} tokens/step ({self.micro_batch_size} x {self.accumulation_steps} sequences) | "
               + (f"fast_dev_run: {cfg.fast_dev_run} steps, saves nothing" if cfg.fast_dev_run else
                  f"{cfg.max_steps} steps -> {cfg.out_dir}"), flush=True)
 

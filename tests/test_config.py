@@ -37,6 +37,8 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("n_layers", "expected key=value"),
     ("attention=magic", "must be one of"),
     ("rms_norm=apex", "rms_norm.*must be one of triton, torch"),
+    ("micro_batch_size=3", "divisor of batch_size x gradient_accumulation_steps = 8"),
+    ("micro_batch_size=big", "micro_batch_size must be auto or a divisor"),
     ("d_model=102", "divisible by n_heads"),
     ("batch_size=0", "must be > 0"),
 ])

@@ -51,3 +51,11 @@ def test_compiled_triton_training_learns(markov_data, tmp_path, memory_mode):
     Trainer(cfg).fit()
     log = json.loads((tmp_path / "run" / "training_log.json").read_text())
     assert log[-1]["val_loss"] < 0.45 * math.log(64)
+
+
+def test_auto_micro_batch_fits_a_small_model_in_one_micro_step(markov_data):
+    cfg = load_config(None, SMALL + [f"data={markov_data}", "n_seq=128", "batch_size=4", "gradient_accumulation_steps=8",
+                                     "micro_batch_size=auto", "fast_dev_run=2", "memory_mode=true"])
+    trainer = Trainer(cfg)
+    assert (trainer.micro_batch_size, trainer.accumulation_steps) == (32, 1)  # 2 layers x 256 wide: fits anywhere
+    trainer.fit()

@@ -44,7 +44,7 @@ def test_run_writes_log_checkpoints_and_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Step      6 | Loss: " in out and " | PPL: " in out and " | LR: " in out and " | tok/s: " in out
     state = load_checkpoint(run / "phase7_step_3.pt")
-    assert state["step"] == 3 and state["data_position"] == 6 and state["phase"] == "phase7"
+    assert state["step"] == 3 and state["sequences_drawn"] == 12 and state["phase"] == "phase7"
     assert set(state) >= {"model", "optimizer", "rng", "config", "tokenizer", "tokens_seen"}
 
 
@@ -156,7 +156,7 @@ def test_a_skipped_step_does_not_draw_the_same_batches_again(tmp_path):
     trainer.fit()
     assert trainer.step == 2 and len(seen) == 6
     assert not any(torch.equal(seen[0], later) for later in seen[2:])
-    assert load_checkpoint(tmp_path / "run" / "phase7_final.pt")["data_position"] == 6
+    assert load_checkpoint(tmp_path / "run" / "phase7_final.pt")["sequences_drawn"] == 12
 
 
 def test_fused_cross_entropy_is_the_plain_loss_and_gradient():
@@ -213,3 +213,62 @@ def test_wandb_logger_runs_offline_without_a_login(tmp_path, monkeypatch):
     train(tmp_path, "max_steps=3", "logger=wandb", "experiment=tiny", "tags=a,b")
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and losses(tmp_path / "run")[-1][0] == 3
+
+
+# --- micro_batch_size ----------------------------------------------------------------------------------------
+
+def test_micro_batch_size_resplits_each_step_over_the_same_sequences(tmp_path):
+    """2 x 2 (the config), 4 x 1 and 1 x 4 draw the same windows per step, so the runs match to rounding."""
+    runs = {}
+    for split in ("", "4", "1"):
+        trainer = train(tmp_path, "max_steps=4", f"micro_batch_size={split}", run=f"split{split}")
+        runs[split] = losses(tmp_path / f"split{split}")
+        assert trainer.sequences_drawn == 4 * 4 and trainer.micro_batch_size == (int(split) if split else 2)
+    for split in ("4", "1"):
+        for (step, loss, val), (_, ref_loss, ref_val) in zip(runs[split], runs[""]):
+            assert loss == pytest.approx(ref_loss, rel=1e-4), f"micro_batch_size={split}, step {step}"
+            assert val == (None if ref_val is None else pytest.approx(ref_val, rel=1e-4))  # same val windows
+
+
+def test_resume_with_another_split_continues_the_same_data(tmp_path):
+    train(tmp_path, "max_steps=3", run="first")
+    checkpoint = tmp_path / "first" / "phase7_step_3.pt"
+    trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'next'}", "micro_batch_size=1",
+                                                f"resume={checkpoint}"]))
+    assert trainer.sequences_drawn == 3 * 4 and trainer.accumulation_steps == 4
+    old_style = load_checkpoint(checkpoint)  # before micro_batch_size: micro-batches of batch_size
+    old_style["data_position"] = old_style.pop("sequences_drawn") // 2
+    save_checkpoint(tmp_path / "old.pt", old_style)
+    resumed = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'old'}", f"resume={tmp_path / 'old.pt'}"]))
+    assert resumed.sequences_drawn == 3 * 4
+
+
+@pytest.mark.parametrize("memory_mode", [False, True])
+def test_auto_micro_batch_takes_the_largest_that_fits_and_leaves_no_trace(tmp_path, memory_mode):
+    from engine.train import to_cpu
+
+    trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", "batch_size=4", f"memory_mode={memory_mode}"]))
+    real_loss, tried = trainer.phase.loss, []
+
+    def out_of_memory_above_2(model, batch):
+        tried.append(batch.shape[0])
+        if batch.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss(model, batch)
+
+    trainer.phase = dataclasses.replace(trainer.phase, loss=out_of_memory_above_2)
+    weights, optimizer = to_cpu(trainer.model.state_dict()), to_cpu(trainer.optimizer.state_dict())
+    rng = torch.get_rng_state()
+    assert trainer.largest_micro_batch_that_fits(8) == 2 and tried == [8, 4, 2]
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    if memory_mode:  # its updates run inside backward: the successful try did change weights and states
+        after = trainer.optimizer.state_dict()["params"]
+        assert all(torch.equal(optimizer["params"][n][k], v) for n in after for k, v in after[n].items())
+    assert torch.equal(torch.get_rng_state(), rng) and trainer.sequences_drawn == 0
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_auto_micro_batch_without_a_gpu_keeps_the_configured_split(tmp_path, capsys):
+    trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", "micro_batch_size=auto", "device=cpu"]))
+    assert (trainer.micro_batch_size, trainer.accumulation_steps) == (2, 2)
+    assert "micro_batch_size=auto: no GPU" in capsys.readouterr().out
