@@ -254,8 +254,11 @@ class Trainer:
         if cfg.memory_mode:
             self.optimizer.begin_step(lr, accum)
         else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group in self.optimizer.param_groups:  # some optimizers (torchao's) keep lr as a tensor
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             # Windows are numbered consecutively, so any split of a step draws the same sequences.

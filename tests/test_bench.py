@@ -41,3 +41,16 @@ def test_gpu_benchmarks_without_cuda_are_a_one_line_error(module):
     result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_adam8bit_reports_each_optimizer_against_the_fp32_reference(capsys):
+    from bench import adam8bit
+
+    adam8bit.main(["--steps", "3", "--no-record", "data=dummy", "vocab_size=64", "n_seq=16", "d_model=32",
+                   "n_heads=2", "n_layers=1", "ffn_dim=64", "batch_size=2", "log_every=1", "eval_batches=1",
+                   "warmup_steps=1"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")}
+    assert "| +0.00% |" in rows["fp32 AdamW (reference)"]
+    assert "%" in rows["ours (memory mode)"]
+    assert set(adam8bit.RUNS) <= set(rows)  # a missing peer gets a row that says so

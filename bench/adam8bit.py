@@ -1,0 +1,125 @@
+"""make bench-adam8bit: which 8-bit AdamW memory mode should use, measured against bitsandbytes and torchao.
+
+Every run is the engine's Trainer on the same config: same initial weights, same batches, same schedule,
+clipping and weight decay; only the weights' dtype and the optimizer differ.
+
+    fp32 AdamW             fp32 weights, torch's AdamW: the reference curve (bf16 autocast on CUDA)
+    ours (memory mode)     bf16 weights, engine/low_memory.py: 8-bit states, update inside backward,
+                           stochastic rounding into bf16
+    bitsandbytes           bf16 weights, bitsandbytes.optim.AdamW8bit stepping after backward
+    torchao                bf16 weights, torchao.optim.AdamW8bit with bf16_stochastic_round=True
+
+Reported: the mean training loss over the last quarter of the logged steps and the final val loss, each
+relative to the reference, and on CUDA tok/s and peak GiB. A peer that is not installed is named, not run
+(pip install bitsandbytes torchao). The table is appended to bench/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import gc
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.cli import run_cli
+from engine.config import load_config
+from engine.low_memory import prepare_model_for_memory_mode
+from engine.train import Trainer
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+CONFIG = "configs/phase7_test.yaml"
+
+
+def bitsandbytes_adamw(groups, cfg):
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def torchao_adamw(groups, cfg):
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), bf16_stochastic_round=True)
+
+
+# name -> (config overrides, optimizer factory for bf16 weights or None for the engine's own choice)
+RUNS = {
+    "fp32 AdamW (reference)": (["memory_mode=false"], None),
+    "ours (memory mode)": (["memory_mode=true"], None),
+    "bitsandbytes AdamW8bit": (["memory_mode=false"], bitsandbytes_adamw),
+    "torchao AdamW8bit + SR": (["memory_mode=false"], torchao_adamw),
+}
+
+
+def decay_groups(model, cfg):
+    """The engine's grouping: weight decay on matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def run(name, args) -> dict:
+    overrides, make_optimizer = RUNS[name]
+    cfg = load_config(args.config, [f"fast_dev_run={args.steps}", f"max_steps={args.steps}",
+                                    f"eval_every={args.steps}", *overrides, *args.overrides])
+    trainer = Trainer(cfg)
+    if make_optimizer is not None:
+        try:
+            trainer.optimizer = make_optimizer(decay_groups(prepare_model_for_memory_mode(trainer.model), cfg), cfg)
+        except ImportError as e:
+            print(f"{name}: not installed ({e.name}); skipped", file=sys.stderr)
+            return {"name": name, "missing": e.name}
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit()
+    log = trainer.log
+    tail = log[-max(1, len(log) // 4):]
+    result = {"name": name, "train_loss": sum(r["loss"] for r in tail) / len(tail), "val_loss": log[-1]["val_loss"],
+              "tok_per_s": sum(r["tok_per_s"] for r in tail) / len(tail)}
+    if trainer.device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    reference = rows[0]
+    lines = ["| optimizer | train loss (last quarter) | vs fp32 | val loss | vs fp32 | tok/s | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "missing" in r:
+            lines.append(f"| {r['name']} | not installed ({r['missing']}) | | | | | |")
+            continue
+        rel = {k: f"{100 * (r[k] / reference[k] - 1):+.2f}%" for k in ("train_loss", "val_loss")}
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        lines.append(f"| {r['name']} | {r['train_loss']:.4f} | {rel['train_loss']} | {r['val_loss']:.4f} | "
+                     f"{rel['val_loss']} | {r['tok_per_s']:,.0f} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.adam8bit", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--no-record", action="store_true", help="print the table only")
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides for every run")
+    args = parser.parse_args(argv)
+    rows = [run(name, args) for name in RUNS]
+    markdown = table(rows)
+    print(markdown)
+    if not args.no_record:
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor()})"
+        with RESULTS.open("a") as f:
+            f.write(f"\n## bench-adam8bit, {datetime.date.today()}\n\n"
+                    f"`{' '.join(['python -m bench.adam8bit', *argv])}` on {device}, torch "
+                    f"{torch.__version__}, {args.steps} steps of {args.config}\n\n{markdown}\n")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
