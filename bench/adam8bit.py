@@ -17,7 +17,8 @@ relative to the reference, and on CUDA tok/s and peak GiB. A peer that is not in
 import argparse
 import datetime
 import gc
-import platform
+import importlib.metadata
+import os
 import sys
 from pathlib import Path
 
@@ -114,11 +115,22 @@ def main(argv: list[str]) -> None:
     markdown = table(rows)
     print(markdown)
     if not args.no_record:
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor()})"
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        versions = ", ".join([f"torch {torch.__version__}", *peer_versions()])
         with RESULTS.open("a") as f:
             f.write(f"\n## bench-adam8bit, {datetime.date.today()}\n\n"
-                    f"`{' '.join(['python -m bench.adam8bit', *argv])}` on {device}, torch "
-                    f"{torch.__version__}, {args.steps} steps of {args.config}\n\n{markdown}\n")
+                    f"`{' '.join(['python -m bench.adam8bit', *argv])}` on {device}, {versions}, "
+                    f"{args.steps} steps of {args.config}\n\n{markdown}\n")
+
+
+def peer_versions() -> list[str]:
+    found = []
+    for package in ("bitsandbytes", "torchao"):
+        try:
+            found.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 if __name__ == "__main__":

@@ -109,3 +109,17 @@ def test_flops_per_token_counts_non_embedding_params():
     model = tiny()
     n = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()
     assert model.flops_per_token(40) == 6 * n + 12 * 2 * 64 * 40
+
+
+def test_a_block_compiles_into_one_graph():
+    """compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused) would
+    split it and lose fusion. aot_eager traces forward and backward without needing a C++ compiler."""
+    model = tiny("n_kv_heads=2")
+    block, x = model.layers[0], torch.randn(2, 9, 64, requires_grad=True)
+    cos, sin = model.rope_cos[:9], model.rope_sin[:9]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    eager_out, compiled_out = block(x, cos, sin), compiled(x, cos, sin)
+    torch.testing.assert_close(compiled_out, eager_out)
+    eager_grad, = torch.autograd.grad(eager_out.square().sum(), x)
+    compiled_grad, = torch.autograd.grad(compiled_out.square().sum(), x)
+    torch.testing.assert_close(compiled_grad, eager_grad)
