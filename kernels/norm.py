@@ -59,6 +59,10 @@ def _rms_norm_bwd(DY, X, W, RSTD, DSUM, DX, DW_PARTIAL, stride_dy, stride_x, str
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=in_row)
 
 
+# Whether Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1 at import) or for a GPU.
+INTERPRETED = isinstance(_rms_norm_fwd, InterpretedFunction)
+
+
 def _launch_settings(n):
     block = triton.next_power_of_2(n)
     if block > MAX_BLOCK:
@@ -180,7 +184,7 @@ _forward_residual.register_autograd(_norm_residual_gradients, setup_context=_sav
 
 
 def _check(x, weight):
-    if not (x.is_cuda or isinstance(_rms_norm_fwd, InterpretedFunction)):
+    if not (x.is_cuda or INTERPRETED):
         raise ValueError("rms_norm needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must have shape ({x.shape[-1]},); got {tuple(weight.shape)}")

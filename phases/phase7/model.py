@@ -128,7 +128,8 @@ class KVCache:
 def fused_linear(x, *linears):
     """x through several bias-free projections as one matmul, split back: one wide GEMM instead of several
     narrow ones reading x again (and, in backward, one dx instead of a sum). Parameters stay separate, so
-    checkpoints and the Hugging Face export keep one weight per projection."""
+    checkpoints and the Hugging Face export keep one weight per projection. Training only: when decoding a
+    token at a time, copying the weights together costs more than the matmuls it merges."""
     weight = torch.cat([linear.weight for linear in linears])
     return F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1)
 
@@ -149,7 +150,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0, start=0):
         B, S, _ = x.shape
-        if self.fused:
+        if self.fused and self.training:
             q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -180,7 +181,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
-        if self.fused:
+        if self.fused and self.training:
             gate, up = fused_linear(x, self.gate_proj, self.up_proj)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
