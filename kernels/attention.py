@@ -321,6 +321,7 @@ def _check_inputs(q, k, v, causal):
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
     B, n_q, H, D = q.shape
     n_k = k.shape[1]
     o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device)
@@ -340,9 +341,10 @@ def _(q, k, v, causal, softmax_scale):
 @torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
 def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
               lse: torch.Tensor, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
+    lse = lse.contiguous()  # indexed as (batch * heads, n_q)
     B, n_q, H, D = q.shape
     n_k = k.shape[1]
-    do = _unit_last_stride(do)
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
                                                             HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)

@@ -79,7 +79,7 @@ def _rows(t, n):
 def _launch_forward(x, residual, weight, eps):
     """(y, total, rstd): total is what got normalised (x, or x + residual) as (rows, n), rstd its 1/rms per row."""
     n = x.shape[-1]
-    x2 = _rows(x, n)
+    x2, weight = _rows(x, n), weight.contiguous()
     res2 = _rows(residual, n) if residual is not None else x2
     total = x2 if residual is None else torch.empty(x2.shape, dtype=_sum_dtype(x, residual), device=x.device)
     y = torch.empty(x2.shape, dtype=torch.promote_types(total.dtype, weight.dtype), device=x.device)
@@ -139,6 +139,7 @@ def _backward(dy: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, rstd:
     """(dx, dweight); dsum, the gradient reaching x + residual directly, is added to dx."""
     n = total.shape[-1]
     total2, dy2 = _rows(total, n), _rows(dy, n)
+    weight, rstd = weight.contiguous(), rstd.contiguous()  # indexed as flat vectors
     dsum2 = _rows(dsum, n) if dsum is not None else dy2
     dx = torch.empty_like(total2)
     n_rows = total2.shape[0]
