@@ -16,7 +16,6 @@ relative to the reference, and on CUDA tok/s and peak GiB. A peer that is not in
 
 import argparse
 import datetime
-import gc
 import importlib.metadata
 import os
 import sys
@@ -24,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from bench.phase7 import free_gpu
 from engine.cli import run_cli
 from engine.config import load_config
 from engine.low_memory import prepare_model_for_memory_mode
-from engine.train import Trainer
+from engine.train import Trainer, decay_groups
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CONFIG = "configs/phase7_test.yaml"
@@ -54,13 +54,6 @@ RUNS = {
 }
 
 
-def decay_groups(model, cfg):
-    """The engine's grouping: weight decay on matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
 def run(name, args) -> dict:
     overrides, make_optimizer = RUNS[name]
     cfg = load_config(args.config, [f"fast_dev_run={args.steps}", f"max_steps={args.steps}",
@@ -68,7 +61,8 @@ def run(name, args) -> dict:
     trainer = Trainer(cfg)
     if make_optimizer is not None:
         try:
-            trainer.optimizer = make_optimizer(decay_groups(prepare_model_for_memory_mode(trainer.model), cfg), cfg)
+            bf16_model = prepare_model_for_memory_mode(trainer.model)
+            trainer.optimizer = make_optimizer(decay_groups(bf16_model, cfg.weight_decay), cfg)
         except ImportError as e:
             print(f"{name}: not installed ({e.name}); skipped", file=sys.stderr)
             return {"name": name, "missing": e.name}
@@ -82,10 +76,8 @@ def run(name, args) -> dict:
     if trainer.device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del trainer
-    gc.collect()
     if torch.cuda.is_available():
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+        free_gpu()
     return result
 
 

@@ -68,13 +68,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
 
         return InBackwardOptimizer(model, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                                    grad_clip=cfg.grad_clip, seed=cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
     fused = cfg.use_fused_optimizer and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                             betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: weight decay on matrices, none on norms' vectors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def autocast_for(cfg: Config, device: torch.device):
