@@ -11,7 +11,7 @@ where Triton is not installed, and tests can switch Triton's interpreter on befo
 import importlib
 
 _MODULE_OF = {
-    "flash_attention": "attention", "attention_reference": "attention", "triton_available": "attention",
+    "flash_attention": "attention", "attention_reference": "attention", "triton_available": "support",
     "rms_norm": "norm", "rms_norm_residual": "norm", "rms_norm_reference": "norm",
     "rms_norm_residual_reference": "norm",
     "linear_cross_entropy": "cross_entropy", "linear_cross_entropy_reference": "cross_entropy",

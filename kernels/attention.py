@@ -17,10 +17,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from kernels.support import ATTENTION_HEAD_DIMS as HEAD_DIMS, is_interpreted
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read when the kernels below are decorated, as Triton does: the interpreter runs every autotune candidate
 # slowly, so it gets one small config that still has several blocks per sequence at test sizes.
@@ -119,7 +119,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
 
 
 # Whether Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1 at import) or for a GPU.
-INTERPRETED = isinstance(_attn_fwd.fn, InterpretedFunction)
+INTERPRETED = is_interpreted(_attn_fwd)
 
 
 @triton.jit
@@ -410,9 +410,6 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None):
     return (scores.softmax(-1) @ v_).transpose(1, 2).to(q.dtype)
 
 
-def triton_available() -> bool:
-    """Whether these kernels can run here: on CUDA, or on CPU tensors when Triton's interpreter was on at import.
-
-    Importing kernels needs triton (a Linux requirement); the model asks this before choosing the kernels.
-    """
+def runs_here() -> bool:
+    """Whether these kernels, as decorated, run on this machine: on CUDA, or on CPU tensors in the interpreter."""
     return torch.cuda.is_available() or INTERPRETED

@@ -13,7 +13,7 @@ import torch
 
 import torch.nn.functional as F
 
-from kernels.attention import attention_reference, flash_attention, triton_available
+from kernels.attention import attention_reference, flash_attention, runs_here
 
 ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 NAMES = ("out", "dq", "dk", "dv")
@@ -76,7 +76,7 @@ def time_attention(q, k, v, do, causal, repeats):
 
 
 def main() -> int:
-    if not triton_available():
+    if not runs_here():
         # Without CUDA the kernels need Triton's interpreter, which Triton reads when it decorates them, and
         # `python -m` imported the kernels package before this line ran: start again with it switched on.
         os.environ["TRITON_INTERPRET"] = "1"

@@ -10,7 +10,8 @@ The output dtype follows PyTorch's promotion of input and weight, as the referen
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from kernels.support import is_interpreted
 
 MAX_BLOCK = 65536  # a row lives in registers: beyond this it would spill
 
@@ -60,7 +61,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DSUM, DX, DW_PARTIAL, stride_dy, stride_x, str
 
 
 # Whether Triton decorated the kernels for its CPU interpreter (TRITON_INTERPRET=1 at import) or for a GPU.
-INTERPRETED = isinstance(_rms_norm_fwd, InterpretedFunction)
+INTERPRETED = is_interpreted(_rms_norm_fwd)
 
 
 def _launch_settings(n):

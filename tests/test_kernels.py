@@ -14,16 +14,14 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
-from kernels.attention import _attn_fwd, attention_reference, flash_attention, triton_available  # noqa: E402
+from kernels.attention import INTERPRETED, attention_reference, flash_attention, runs_here  # noqa: E402
 from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
                               rms_norm_residual_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = isinstance(_attn_fwd.fn, InterpretedFunction)
-needs_triton = pytest.mark.skipif(not triton_available(), reason="kernels was imported before TRITON_INTERPRET=1 "
+needs_triton = pytest.mark.skipif(not runs_here(), reason="kernels was imported before TRITON_INTERPRET=1 "
                                   "was set (see test_kernels_run_in_the_interpreter_without_cuda)")
 
 
@@ -32,7 +30,7 @@ def test_kernels_run_in_the_interpreter_without_cuda():
         pytest.skip("CUDA: the kernels are compiled")
     assert INTERPRETED, ("kernels was imported before this module set TRITON_INTERPRET=1, so its kernels were made "
                          "for a GPU: set TRITON_INTERPRET=1 in the environment, or import kernels lazily elsewhere")
-    assert triton_available()
+    assert runs_here()
 
 
 def skip_bf16_attention_in_interpreter(dtype):

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import Config, ConfigError
+from kernels.support import ATTENTION_HEAD_DIMS, triton_available
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what kernels.attention compiles for
 
 
 def attention_backend(cfg: Config) -> str:
@@ -25,20 +25,16 @@ def attention_backend(cfg: Config) -> str:
     if not cfg.use_flash_attention:
         return "sdpa"
     if cfg.attention == "triton":
-        return "triton" if triton_usable() and cfg.d_model // cfg.n_heads in TRITON_HEAD_DIMS else "sdpa"
+        return "triton" if triton_available() and cfg.d_model // cfg.n_heads in ATTENTION_HEAD_DIMS else "sdpa"
     if cfg.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("attention=flash_attn but flash-attn is not installed: "
                           "pip install flash-attn --no-build-isolation, or use attention=triton")
     return cfg.attention
 
 
-def triton_usable() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
 def norm_backend(cfg: Config) -> str:
     """rms_norm=triton runs kernels/norm.py where Triton can run, the PyTorch RMSNorm elsewhere."""
-    return "triton" if cfg.rms_norm == "triton" and triton_usable() else "torch"
+    return "triton" if cfg.rms_norm == "triton" and triton_available() else "torch"
 
 
 def ffn_dim_for(cfg: Config) -> int:
