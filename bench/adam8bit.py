@@ -4,7 +4,7 @@ Every run is the engine's Trainer on the same config: same initial weights, same
 clipping and weight decay; only the weights' dtype and the optimizer differ.
 
     fp32 AdamW             fp32 weights, torch's AdamW: the reference curve (bf16 autocast on CUDA)
-    ours (memory mode)     bf16 weights, engine/low_memory.py: 8-bit states, update inside backward,
+    ours (memory mode)     bf16 weights, engine/memory_mode/: 8-bit states, update inside backward,
                            stochastic rounding into bf16
     bitsandbytes           bf16 weights, bitsandbytes.optim.AdamW8bit stepping after backward
     torchao                bf16 weights, torchao.optim.AdamW8bit with bf16_stochastic_round=True
@@ -15,34 +15,43 @@ relative to the reference, and on CUDA tok/s and peak GiB. A peer that is not in
 """
 
 import argparse
-import datetime
 import importlib.metadata
-import os
 import sys
-from pathlib import Path
 
 import torch
 
 from bench.phase7 import free_gpu
+from bench.results import record
 from engine.cli import run_cli
 from engine.config import load_config
-from engine.low_memory import prepare_model_for_memory_mode
-from engine.train import Trainer, decay_groups
+from engine.memory_mode.optimizer import prepare_model_for_memory_mode
+from engine.optim import AfterBackward, decay_groups
+from engine.train import Trainer
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 CONFIG = "configs/phase7_test.yaml"
+
+
+class TensorLrAfterBackward(AfterBackward):
+    """torchao's optimizers keep each group's lr as a tensor, to be filled in place."""
+
+    def begin_step(self, lr: float, micro_steps: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
 
 
 def bitsandbytes_adamw(groups, cfg):
     import bitsandbytes
 
-    return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    optimizer = bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    return AfterBackward(optimizer, cfg.grad_clip)
 
 
 def torchao_adamw(groups, cfg):
     from torchao.optim import AdamW8bit
 
-    return AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), bf16_stochastic_round=True)
+    optimizer = AdamW8bit(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), bf16_stochastic_round=True)
+    return (TensorLrAfterBackward if isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+            else AfterBackward)(optimizer, cfg.grad_clip)
 
 
 # name -> (config overrides, optimizer factory for bf16 weights or None for the engine's own choice)
@@ -107,12 +116,8 @@ def main(argv: list[str]) -> None:
     markdown = table(rows)
     print(markdown)
     if not args.no_record:
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-        versions = ", ".join([f"torch {torch.__version__}", *peer_versions()])
-        with RESULTS.open("a") as f:
-            f.write(f"\n## bench-adam8bit, {datetime.date.today()}\n\n"
-                    f"`{' '.join(['python -m bench.adam8bit', *argv])}` on {device}, {versions}, "
-                    f"{args.steps} steps of {args.config}\n\n{markdown}\n")
+        record("bench-adam8bit", " ".join(["python -m bench.adam8bit", *argv]), markdown,
+               f"{args.steps} steps of {args.config}", tuple(peer_versions()))
 
 
 def peer_versions() -> list[str]:

@@ -9,9 +9,7 @@ and how close ours comes to it. The table is appended to bench/RESULTS.md.
 """
 
 import argparse
-import datetime
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +17,10 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from bench.results import record
 from kernels.attention import flash_attention
 from kernels.norm import rms_norm, rms_norm_reference
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 MATMUL_FLOPS = 739e12  # H100 SXM dense bf16, as measured by a large cuBLAS matmul
 MEMORY_BYTES_PER_S = 2.83e12  # H100 SXM HBM3, as measured by a large copy
 TOKENS = 16384
@@ -122,15 +120,10 @@ def table(rows):
     return "\n".join(lines)
 
 
-def record(markdown):
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n")
-    with RESULTS.open("a") as f:
-        f.write(f"\n## bench-kernels, {datetime.date.today()}\n\n"
-                f"`{' '.join(['python -m bench.bench_kernels', *sys.argv[1:]])}` on {torch.cuda.get_device_name()},"
-                f" torch {torch.__version__}, triton {triton.__version__}. Floors: FLOPs at "
-                f"{MATMUL_FLOPS / 1e12:.0f} TFLOP/s, bytes at {MEMORY_BYTES_PER_S / 1e12:.2f} TB/s; "
-                f"'ours vs best peer' > 1 means ours is faster.\n\n{markdown}\n")
+def record_table(markdown):
+    record("bench-kernels", " ".join(["python -m bench.bench_kernels", *sys.argv[1:]]), markdown,
+           f"Floors: FLOPs at {MATMUL_FLOPS / 1e12:.0f} TFLOP/s, bytes at {MEMORY_BYTES_PER_S / 1e12:.2f} TB/s; "
+           "'ours vs best peer' > 1 means ours is faster", (f"triton {triton.__version__}",))
 
 
 def main() -> int:
@@ -153,7 +146,7 @@ def main() -> int:
     rows += bench_rms_norm(16384, 2048)
     markdown = table(rows)
     print(markdown)
-    record(markdown)
+    record_table(markdown)
     return 0
 
 

@@ -10,19 +10,18 @@ bench/RESULTS.md.
 """
 
 import argparse
-import datetime
 import gc
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench.results import record
 from engine.config import load_config
-from engine.train import Trainer, autocast_for, build_optimizer, peak_flops
+from engine.optim import build_optimizer
+from engine.train import Trainer, autocast_for, lr_at, peak_flops
+from phases.phase7.model import dense_flops_per_token
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 CONFIG = "configs/phase7_1.5b_triton.yaml"
 # Cumulative: each row keeps the switches of the rows above it and adds its own.
 LEVERS = [
@@ -63,7 +62,7 @@ def run_ours(args, n_layers=None, switches=(), name=None) -> dict:
 
     def step():
         trainer.train_step()
-        trainer.apply_update()
+        trainer.optimizer.apply()
 
     name = name or ("ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)")
     return measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), step, args)
@@ -89,27 +88,29 @@ def free_gpu() -> None:
 
 
 def run_peer(args) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from phases.phase7.config import model_args
     from phases.phase7.export import llama_config
 
     cfg = load_config(CONFIG, bench_overrides(args) + ["memory_mode=false"])  # the peer: plain fused AdamW
-    from transformers import LlamaForCausalLM
-
-    hf_cfg = llama_config(cfg)
+    hf_cfg = llama_config(model_args(cfg))
     hf_cfg._attn_implementation = "sdpa"
     device = torch.device("cuda")
     model = LlamaForCausalLM(hf_cfg).to(device)
     optimizer = build_optimizer(model, cfg, device)
     compiled = torch.compile(model)
-    flops = 6 * (sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()) \
-        + 12 * cfg.n_layers * cfg.d_model * cfg.n_seq
+    non_embedding = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    flops = dense_flops_per_token(non_embedding, cfg.n_layers, cfg.d_model, cfg.n_seq)
 
     def step():
         ids = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.n_seq), device=device)
+        optimizer.begin_step(lr_at(1, cfg), 1)
         with autocast_for(cfg, device):
             loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.end_step()  # clips, as our loop does
+        optimizer.apply()
 
     return measure("HF Llama + torch.compile", cfg, flops, step, args)
 
@@ -170,7 +171,7 @@ def main() -> int:
     if args.levers:
         rows = run_levers(args)
         print(table(rows))
-        record(rows, None, args)
+        record_rows(rows, None, args)
         return 0
     rows = [run_ours(args)]
     if args.peer:
@@ -186,20 +187,14 @@ def main() -> int:
     if depth is not None:
         print(f"deepest phase 7 at d_model 2048 that fits{f' in {args.mem_gb} GiB' if args.mem_gb else ''}: "
               f"{depth} layers")
-    record(rows, depth, args)
+    record_rows(rows, depth, args)
     return 0
 
 
-def record(rows, depth, args) -> None:
-    device = torch.cuda.get_device_name(0)
-    with RESULTS.open("a") as f:
-        f.write(f"\n## bench-phase7-1.5b, {datetime.date.today()}\n\n"
-                f"`{' '.join(['python -m bench.phase7', *sys.argv[1:]])}` on {device}, torch {torch.__version__}, "
-                f"Python {platform.python_version()}, micro-batch {args.batch_size} x 1024 tokens"
-                f"{f', capped at {args.mem_gb} GiB' if args.mem_gb else ''}\n\n"
-                f"{table(rows)}\n")
-        if depth is not None:
-            f.write(f"\nDeepest model at d_model 2048 that fits: {depth} layers\n")
+def record_rows(rows, depth, args) -> None:
+    notes = (f"micro-batch {args.batch_size} x 1024 tokens{f', capped at {args.mem_gb} GiB' if args.mem_gb else ''}"
+             + (f"; deepest model at d_model 2048 that fits: {depth} layers" if depth is not None else ""))
+    record("bench-phase7-1.5b", " ".join(["python -m bench.phase7", *sys.argv[1:]]), table(rows), notes)
 
 
 if __name__ == "__main__":

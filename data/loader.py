@@ -1,8 +1,9 @@
-"""Training data as a pure function: `open_data(...).batch(index, batch_size)` depends only on
-(seed, split, index), so resuming at any index continues the same stream and no reader state is saved.
+"""Training data as a pure function: `open_data(...).batch(first, count)` (windows first..first+count-1)
+depends only on (seed, split, window numbers), so resuming at any window continues the same stream and no
+reader state is saved.
 
-Window j of a split (row b of batch `index` is window index*batch_size + b) starts at a position hashed
-from (seed, split, j): a counter-based draw, so the stream does not depend on the batch size either.
+Window j of a split starts at a position hashed from (seed, split, j): a counter-based draw, so the stream
+does not depend on how it is cut into batches either.
 Windows are n_seq+1 tokens and may cross document (EOS) and shard boundaries.
 """
 
@@ -48,11 +49,11 @@ class Windows:
     def windows(self, j: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def batch(self, index: int, batch_size: int) -> "torch.LongTensor":
+    def batch(self, first: int, count: int) -> "torch.LongTensor":
+        """Windows first..first+count-1 as a (count, n_seq + 1) tensor."""
         import torch
 
-        j = index * batch_size + np.arange(batch_size, dtype=np.int64)
-        return torch.from_numpy(self.windows(j))
+        return torch.from_numpy(self.windows(first + np.arange(count, dtype=np.int64)))
 
 
 class TokenStream(Windows):

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Config, config_from_dict
-
-# Keys that decide parameter shapes; a checkpoint only loads into a model that agrees on all of them.
-SHAPE_KEYS = ("phase", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+from phases import get_phase
 
 
 class CheckpointError(Exception):
@@ -57,10 +55,18 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def missing_checkpoint(path: Path) -> CheckpointError:
+    """Name what the folder does hold: the seed's examples say step_2000.pt where files are phase7_step_2000.pt."""
+    held = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+    if held:
+        return CheckpointError(f"checkpoint {path} not found; {path.parent}/ holds: {', '.join(held)}")
+    return CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file>")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file>")
+        raise missing_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disk error: all mean "not a usable checkpoint"
@@ -77,7 +83,7 @@ def check_compatible(state: dict, cfg: Config, path) -> None:
     if saved.phase != cfg.phase:
         raise CheckpointError(f"{path} is a '{saved.phase}' checkpoint; this run is phase '{cfg.phase}'")
     diffs = [f"{k}={getattr(saved, k)} (config: {getattr(cfg, k)})"
-             for k in SHAPE_KEYS if getattr(saved, k) != getattr(cfg, k)]
+             for k in get_phase(cfg.phase).shape_keys if getattr(saved, k) != getattr(cfg, k)]
     if diffs:
         raise CheckpointError(f"{path} has another model shape: {', '.join(diffs)}; "
                               f"use the config it was trained with ({Path(path).parent / 'config.yaml'})")

@@ -1,13 +1,16 @@
 """Flat run configuration: one YAML file per recipe, any key overridable as key=value.
 
-Every key is a typed field of `Config`; a typo is an error that names the key and suggests close
-matches, never a silent default.
+`Config` holds the engine's keys (run, data, optimisation, logging). A phase adds its own (model shape,
+objective) by subclassing it: `phases/<name>/` names that class in its `Phase`, and the `phase` key of a
+config decides which class checks the rest. Every key is a typed field; a typo is an error that names the
+key and suggests close matches, never a silent default.
 """
 
 import dataclasses
 import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -18,8 +21,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
+    # Older names of keys, as {old key: (key, {old value: value})}: the seed's configs keep working.
+    ALIASES: ClassVar[dict] = {}
+
     # --- run ---
-    phase: str = "phase7"  # which phases/<name> supplies the model, objective and sampler
+    phase: str = "phase7"  # which phases/<name> supplies the model, objective and sampler (or a module path)
     out_dir: str = "checkpoints/run"  # run directory: checkpoints, config.yaml, training_log.json
     seed: int = 1337
     device: str = "auto"  # auto | cuda | cpu
@@ -35,23 +41,12 @@ class Config:
     data: str = "data/lite"  # packed-shard folder | dummy | recipe .yaml | text files | hf:<name>
     tokenizer: str = "data/lite/tokenizer.json"  # tokenizer.json path, folder or transformers name
     n_seq: int = 256  # tokens per training sequence
-
-    # --- model ---
-    vocab_size: int = 32000
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
-    ffn_dim: int = 0  # SwiGLU hidden size; 0 = 8/3 * d_model rounded up to a multiple of 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    attention: str = "triton"  # triton (SDPA where Triton cannot run) | sdpa | eager | flash_attn
-    rms_norm: str = "triton"  # triton (PyTorch where Triton cannot run; fuses each block's residual add) | torch
+    vocab_size: int = 32000  # the model's; the data's tokenizer must fit in it
 
     # --- optimisation ---
     max_steps: int = 1000
     flops_budget: float = 0.0  # >0 sets max_steps = budget / (6 N x tokens per step), N = non-embedding params
+    epochs: float = 0.0  # >0 sets max_steps to this many passes over the training tokens
     batch_size: int = 8  # sequences per micro-step
     gradient_accumulation_steps: int = 1
     # Re-split each step's batch_size x gradient_accumulation_steps sequences into micro-batches of N, or with
@@ -66,18 +61,12 @@ class Config:
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still reported)
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
 
-    # --- masked diffusion (phase mdm) ---
-    mdm_eps: float = 1e-3  # noise levels t are drawn from U(mdm_eps, 1)
-
     # --- switches (the seed's names) ---
     use_mixed_precision: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
-    use_gradient_checkpointing: bool = False
-    use_flash_attention: bool = True  # false forces attention=sdpa
+    use_gradient_checkpointing: bool = False  # recompute each block's activations in backward
     use_fused_optimizer: bool = True  # fused AdamW on CUDA
-    use_compile: bool = False  # torch.compile each Transformer block (CUDA only)
-    fused_cross_entropy: bool = True  # lm_head + cross-entropy in chunks of tokens: never the full logits
-    fused_projections: bool = True  # one matmul for q, k, v and one for gate, up (weights concatenated per call)
-    memory_mode: bool = False  # bf16 weights, 8-bit AdamW applied inside backward (engine/low_memory.py)
+    use_compile: bool = False  # torch.compile each block (CUDA only)
+    memory_mode: bool = False  # bf16 weights, 8-bit AdamW applied inside backward (engine/memory_mode/)
 
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
@@ -91,19 +80,72 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Values that are each well typed but wrong, alone or together; a phase's class extends this."""
+        positive = ["n_seq", "vocab_size", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
+                    "eval_every", "save_every", "eval_batches"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
+        choose(self, "device", ["auto", "cuda", "cpu"])
+        choose(self, "logger", ["json", "wandb"])
+        per_step = self.batch_size * self.gradient_accumulation_steps
+        size = self.micro_batch_size
+        if size not in ("", "auto") and not (size.isdigit() and 0 < int(size) and per_step % int(size) == 0):
+            raise ConfigError(f"micro_batch_size must be auto or a divisor of batch_size x gradient_accumulation_steps"
+                              f" = {per_step}; got '{size}'")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
+        if self.epochs < 0 or self.flops_budget < 0:
+            raise ConfigError("epochs and flops_budget must be >= 0")
+        if self.epochs > 0 and self.flops_budget > 0:
+            raise ConfigError("epochs and flops_budget both set max_steps: give one of them")
 
-FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+def choose(cfg: Config, key: str, allowed: list[str]) -> None:
+    if getattr(cfg, key) not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")
+
+
 TRUE_WORDS = {"true", "yes", "on", "1"}
 FALSE_WORDS = {"false", "no", "off", "0"}
 
 
-def coerce(key: str, value):
+def field_types(cls: type[Config]) -> dict[str, type]:
+    return {f.name: f.type for f in fields(cls)}
+
+
+def config_class(phase: str) -> type[Config]:
+    from phases import get_phase
+
+    return get_phase(phase).config
+
+
+def owners_of(key: str) -> list[str]:
+    """The phases under phases/ whose config has this key (for the error when this run's phase has not)."""
+    from phases import all_phases
+
+    return [phase.name for phase in all_phases() if key in field_types(phase.config)]
+
+
+def unknown_key(key: str, cls: type[Config]) -> ConfigError:
+    owners = owners_of(key)
+    if owners:
+        return ConfigError(f"config key '{key}' belongs to phase {' / '.join(owners)}; this run's phase has no such key")
+    close = difflib.get_close_matches(key, field_types(cls), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " Run with print_config=true to list keys."
+    return ConfigError(f"unknown config key '{key}'.{hint}")
+
+
+def coerce(key: str, value, cls: type[Config] = Config):
     """Convert a YAML or command-line value to the key's declared type, or raise ConfigError."""
-    if key not in FIELD_TYPES:
-        close = difflib.get_close_matches(key, FIELD_TYPES, n=3, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else " Run with print_config=true to list keys."
-        raise ConfigError(f"unknown config key '{key}'.{hint}")
-    kind = FIELD_TYPES[key]
+    types = field_types(cls)
+    if key not in types:
+        raise unknown_key(key, cls)
+    return parse_value(key, types[key], value)
+
+
+def parse_value(key: str, kind: type, value):
     text = str(value).strip()
     bad = ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
     if kind is bool:
@@ -134,6 +176,25 @@ def coerce(key: str, value):
     return "" if value is None else text
 
 
+def resolve_aliases(values: dict, cls: type[Config], alias_wins: bool = False) -> dict:
+    """Old boolean key names mapped onto the current keys, within one source (a file, or the overrides).
+    An alias value that maps to None changes nothing. A user giving both an alias and its key with other
+    meanings gets an error; a config saved by an older version (alias_wins) ran with the alias's meaning."""
+    values = dict(values)
+    for old, (key, mapping) in cls.ALIASES.items():
+        if old not in values:
+            continue
+        flag = parse_value(old, bool, values.pop(old))
+        new_value = mapping[flag]
+        if new_value is None:
+            continue
+        if key in values and str(values[key]).strip() != new_value and not alias_wins:
+            raise ConfigError(f"{old}={str(flag).lower()} means {key}={new_value}, but {key}={values[key]} is set "
+                              f"too: keep one ({old} is the seed's name for it)")
+        values[key] = new_value
+    return values
+
+
 def parse_overrides(args: list[str]) -> dict:
     overrides = {}
     for arg in args:
@@ -144,65 +205,45 @@ def parse_overrides(args: list[str]) -> dict:
     return overrides
 
 
+def read_yaml(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} not found (see configs/ for the recipes)")
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must be a flat mapping of key: value")
+    return loaded
+
+
 def load_config(path: str | None, overrides: dict | list[str] | None = None) -> Config:
-    """Defaults < YAML file < overrides, each value type-checked."""
-    values = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path} not found (see configs/ for the recipes)")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must be a flat mapping of key: value")
-        for key, value in loaded.items():
-            try:
-                values[key] = coerce(key, value)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+    """Defaults < YAML file < overrides, each value type-checked against the phase's config class."""
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    for key, value in (overrides or {}).items():
-        values[key] = coerce(key, value)
-    cfg = Config(**values)
-    validate(cfg)
+    overrides = overrides or {}
+    from_file = read_yaml(path) if path else {}
+    phase = str(overrides.get("phase", from_file.get("phase", Config.phase))).strip()
+    cls = config_class(phase)
+    values = {}
+    for source, raw in ((path, from_file), (None, overrides)):
+        try:
+            for key, value in resolve_aliases(raw, cls).items():
+                values[key] = coerce(key, value, cls)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    cfg = cls(**values)
+    cfg.check()
     return cfg
 
 
 def config_from_dict(values: dict) -> Config:
     """Rebuild a config stored in a checkpoint; keys this version no longer knows are dropped."""
-    return Config(**{k: v for k, v in values.items() if k in FIELD_TYPES})
-
-
-def validate(cfg: Config) -> None:
-    positive = ["n_seq", "vocab_size", "d_model", "n_layers", "n_heads", "max_steps", "batch_size",
-                "gradient_accumulation_steps", "log_every", "eval_every", "save_every", "eval_batches"]
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
-    if cfg.d_model % cfg.n_heads:
-        raise ConfigError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
-    if (cfg.d_model // cfg.n_heads) % 2:
-        raise ConfigError("head size d_model/n_heads must be even for RoPE")
-    kv_heads = cfg.n_kv_heads or cfg.n_heads
-    if cfg.n_heads % kv_heads:
-        raise ConfigError(f"n_heads ({cfg.n_heads}) must be divisible by n_kv_heads ({kv_heads})")
-    choices = {"attention": ["triton", "sdpa", "eager", "flash_attn"], "rms_norm": ["triton", "torch"],
-               "device": ["auto", "cuda", "cpu"],
-               "logger": ["json", "wandb"]}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    if cfg.micro_batch_size not in ("", "auto") and not (cfg.micro_batch_size.isdigit() and
-                                                         0 < int(cfg.micro_batch_size) and
-                                                         per_step % int(cfg.micro_batch_size) == 0):
-        raise ConfigError(f"micro_batch_size must be auto or a divisor of batch_size x gradient_accumulation_steps"
-                          f" = {per_step}; got '{cfg.micro_batch_size}'")
-    if not 0 <= cfg.min_lr <= cfg.learning_rate:
-        raise ConfigError(f"min_lr ({cfg.min_lr}) must be between 0 and learning_rate ({cfg.learning_rate})")
+    cls = config_class(values.get("phase", Config.phase))
+    known = {k: v for k, v in values.items() if k in field_types(cls) or k in cls.ALIASES}
+    values = resolve_aliases(known, cls, alias_wins=True)
+    return cls(**values)
 
 
 def dump_config(cfg: Config) -> str:

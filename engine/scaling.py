@@ -1,14 +1,15 @@
 """Loss against compute: python -m engine.scaling --phase mdm --sizes 6M,170M --budgets 1e18,3e18
-[--out DIR] [--compare] [key=value ...]
+[--out DIR] [--compare] [--reference phase7] [key=value ...]
 
-Every size x budget trains configs/<prefix>_<size>.yaml (prefix mdm_ for phase mdm, arm_ for phase7; a size
-may also be the path of any config) with flops_budget=<budget>, from which the engine sets
-max_steps = floor(C / (6 N x tokens per step)): C = 6 N D, N the parameters other than the input embedding,
-D the tokens trained on. The lowest final val loss at each budget is the compute-optimal frontier, and
-log L = a + b log C is fitted to it. Writes OUT/<phase>_results.csv (every run of the phase in OUT, so
-calls add up), OUT/<phase>_scaling.md and OUT/<phase>_scaling.png; finished runs are read back, not retrained.
-Once OUT holds results of both phases (or with --compare alone), OUT/compare.md and OUT/compare.png give the
-factor of compute the MDM needs to reach the ARM's loss (SMDM reports about 16x at its scale).
+Every size x budget trains configs/<phase>_<size>.yaml (a size may also be the path of any config, run as
+--phase) with flops_budget=<budget>, from which the engine sets max_steps = floor(C / (6 N x tokens per
+step)): C = 6 N D, N the parameters other than the input embedding, D the tokens trained on. The lowest final
+val loss at each budget is the compute-optimal frontier, and log L = a + b log C is fitted to it. Writes
+OUT/<phase>_results.csv (every run of the phase in OUT, so calls add up), OUT/<phase>_scaling.md and
+OUT/<phase>_scaling.png; finished runs are read back, not retrained.
+Once OUT holds results of a phase and of the reference phase (phase7, the causal LM, by default), or with
+--compare alone, OUT/<phase>_vs_<reference>.md and .png give the factor of compute the phase needs to reach
+the reference's loss (SMDM reports about 16x for its masked diffusion LM against the causal one).
 """
 
 import argparse
@@ -24,10 +25,9 @@ import torch
 from engine.cli import run_cli
 from engine.config import ConfigError, load_config, parse_overrides
 from engine.sweep import markdown_table, train_run, write_csv
-from phases import get_phase
+from phases import get_phase, phase_names
 
-MDM, ARM = "mdm", "phase7"
-PREFIX = {MDM: "mdm", ARM: "arm"}
+REFERENCE = "phase7"
 COLUMNS = ["run", "size", "params", "budget", "steps", "tokens", "val_loss", "status"]
 NUMERIC = {"params": int, "budget": float, "steps": int, "tokens": int, "val_loss": float}
 
@@ -36,7 +36,7 @@ def size_config(phase: str, size: str) -> tuple[str, str]:
     """(label, config path) of a size: '170M' -> configs/mdm_170M.yaml; a .yaml path stands for itself."""
     if size.endswith((".yaml", ".yml")):
         return Path(size).stem, size
-    return size, f"configs/{PREFIX.get(phase, phase)}_{size}.yaml"
+    return size, f"configs/{phase}_{size}.yaml"
 
 
 def budget_label(budget: float) -> str:
@@ -69,7 +69,7 @@ def run_grid(phase: str, sizes: list[str], budgets: list[float], out: Path, over
     for size in sizes:
         label, path = size_config(phase, size)
         for budget in budgets:
-            name = f"{PREFIX.get(phase, phase)}_{label}_{budget_label(budget)}"
+            name = f"{phase}_{label}_{budget_label(budget)}"
             cfg = load_config(path, {**overrides, "phase": phase, "flops_budget": budget,
                                      "out_dir": str(out / name), "experiment": name})
             runs.append({"run": name, "size": label, "params": count_params(cfg), "budget": budget, "cfg": cfg})
@@ -145,55 +145,65 @@ def report_phase(out: Path, phase: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def compute_gap(mdm_fit, arm_points: list[dict], mdm_budgets: list[float]) -> list[dict]:
-    """At each ARM frontier point (C, L): the compute C' at which the MDM's fitted law reaches L, and C'/C;
-    `extrapolated` says whether C' lies outside the budgets the MDM was trained at."""
-    a, b = mdm_fit
+def compute_gap(fit, reference_points: list[dict], budgets: list[float]) -> list[dict]:
+    """At each reference frontier point (C, L): the compute C' at which the phase's fitted law reaches L, and
+    C'/C; `extrapolated` says whether C' lies outside the budgets the phase was trained at."""
+    a, b = fit
     rows = []
-    for p in arm_points:
-        row = {"budget": p["budget"], "arm_loss": p["val_loss"]}
-        if b < 0:  # the MDM's loss must fall with compute for the inverse to exist
-            row["mdm_flops"] = math.exp((math.log(p["val_loss"]) - a) / b)
-            row["gap"] = row["mdm_flops"] / p["budget"]
-            row["extrapolated"] = "no" if min(mdm_budgets) <= row["mdm_flops"] <= max(mdm_budgets) else "yes"
+    for p in reference_points:
+        row = {"budget": p["budget"], "reference_loss": p["val_loss"]}
+        if b < 0:  # the loss must fall with compute for the inverse to exist
+            row["phase_flops"] = math.exp((math.log(p["val_loss"]) - a) / b)
+            row["gap"] = row["phase_flops"] / p["budget"]
+            row["extrapolated"] = "no" if min(budgets) <= row["phase_flops"] <= max(budgets) else "yes"
         rows.append(row)
     return rows
 
 
-def compare(out: Path) -> None:
-    """OUT/compare.md and OUT/compare.png: both frontiers, both fits, and the MDM's compute gap."""
-    results = {phase: load_results(out, phase) for phase in (MDM, ARM)}
-    missing = [phase for phase, rows in results.items() if not frontier(rows)]
+def compare_path(out: Path, phase: str, reference: str, suffix: str) -> Path:
+    return out / f"{phase}_vs_{reference}.{suffix}"
+
+
+def compare(out: Path, phase: str, reference: str) -> None:
+    """OUT/<phase>_vs_<reference>.md and .png: both frontiers, both fits, and the phase's compute gap."""
+    results = {name: load_results(out, name) for name in (phase, reference)}
+    missing = [name for name, rows in results.items() if not frontier(rows)]
     if missing:
-        raise ConfigError(f"--compare needs finished runs of both phases in {out}; none for {', '.join(missing)}:"
-                          f" run `make scaling PHASE=<phase> SIZES=... BUDGETS=... OUT={out}` first")
-    fronts = {phase: frontier(rows) for phase, rows in results.items()}
-    fits = {phase: fit_power_law(points) for phase, points in fronts.items()}
-    gaps = compute_gap(fits[MDM], fronts[ARM], [p["budget"] for p in fronts[MDM]]) if fits[MDM] else []
+        raise ConfigError(f"--compare needs finished runs of {phase} and {reference} in {out}; none for "
+                          f"{', '.join(missing)}: run `make scaling PHASE=<phase> SIZES=... BUDGETS=... OUT={out}` first")
+    fronts = {name: frontier(rows) for name, rows in results.items()}
+    fits = {name: fit_power_law(points) for name, points in fronts.items()}
+    gaps = compute_gap(fits[phase], fronts[reference], [p["budget"] for p in fronts[phase]]) if fits[phase] else []
     factors = [g["gap"] for g in gaps if "gap" in g]
     gap = f"{math.exp(np.mean(np.log(factors))):.3g}x" if factors else "n/a"
-    summary = (f"geometric mean over the ARM's budgets: **{gap}** (SMDM reports about 16x)" if factors else
-               "not measurable: the MDM's frontier needs 2 budgets or more and a loss that falls with compute")
-    text = (f"# MDM against ARM: compute to reach the same loss\n\n"
-            f"MDM ({MDM}) frontier fit: {fit_text(fits[MDM])}\n\nARM ({ARM}) frontier fit: {fit_text(fits[ARM])}\n\n"
-            "For each ARM frontier point (budget C, loss L), `mdm_flops` is the compute at which the MDM's fitted"
-            " law reaches L and `gap` = mdm_flops / C. The MDM's loss is its diffusion bound (an upper bound on"
-            " NLL), the ARM's its exact NLL, as in SMDM.\n\n"
-            f"{markdown_table(gaps, ['budget', 'arm_loss', 'mdm_flops', 'gap', 'extrapolated'])}\nCompute gap: {summary}\n")
-    (out / "compare.md").write_text(text)
+    summary = (f"geometric mean over {reference}'s budgets: **{gap}**" if factors else
+               f"not measurable: {phase}'s frontier needs 2 budgets or more and a loss that falls with compute")
+    text = (f"# {phase} against {reference}: compute to reach the same loss\n\n"
+            f"{phase} frontier fit: {fit_text(fits[phase])}\n\n{reference} frontier fit: {fit_text(fits[reference])}\n\n"
+            f"For each {reference} frontier point (budget C, loss L), `phase_flops` is the compute at which {phase}'s"
+            " fitted law reaches L and `gap` = phase_flops / C. Each loss is its phase's validation loss: for a"
+            " masked diffusion LM an upper bound on NLL, for a causal LM the exact NLL, as in SMDM (which reports"
+            " about 16x for the MDM).\n\n"
+            f"{markdown_table(gaps, ['budget', 'reference_loss', 'phase_flops', 'gap', 'extrapolated'])}\n"
+            f"Compute gap: {summary}\n")
+    compare_path(out, phase, reference, "md").write_text(text)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    budgets = [p["budget"] for p in fronts[MDM] + fronts[ARM]]
-    for phase, color, name in ((MDM, "tab:red", "MDM"), (ARM, "tab:blue", "ARM")):
-        points = fronts[phase]
+    budgets = [p["budget"] for p in fronts[phase] + fronts[reference]]
+    for name, color in ((phase, "tab:red"), (reference, "tab:blue")):
+        points = fronts[name]
         ax.plot([p["budget"] for p in points], [p["val_loss"] for p in points], "o", color=color,
                 label=f"{name} frontier")
-        draw_fit(ax, fits[phase], budgets, f"{name} fit", color)
+        draw_fit(ax, fits[name], budgets, f"{name} fit", color)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C = 6 N D", ylabel="final val loss (nats/token)",
-           title=f"MDM vs ARM: the MDM needs {gap} the compute for the ARM's loss")
+           title=f"{phase} vs {reference}: {phase} needs {gap} the compute for {reference}'s loss")
     ax.legend(fontsize=8)
-    fig.savefig(out / "compare.png", dpi=120, bbox_inches="tight")
+    fig.savefig(compare_path(out, phase, reference, "png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def phases_with_results(out: Path) -> list[str]:
+    return [name for name in phase_names() if frontier(load_results(out, name))]
 
 
 def split_list(text: str) -> list[str]:
@@ -202,11 +212,12 @@ def split_list(text: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=[MDM, ARM], help="mdm (configs/mdm_*) or phase7 (configs/arm_*)")
+    parser.add_argument("--phase", choices=phase_names(), help="the phase to train (configs/<phase>_<size>.yaml)")
     parser.add_argument("--sizes", help="comma-separated: 6M,170M,1B or config paths")
     parser.add_argument("--budgets", help="comma-separated FLOPs budgets: 1e18,3e18")
     parser.add_argument("--out", default="checkpoints/scaling", help="output folder (default checkpoints/scaling)")
-    parser.add_argument("--compare", action="store_true", help="MDM vs ARM from both phases' results in OUT")
+    parser.add_argument("--compare", action="store_true", help="each phase with results in OUT against --reference")
+    parser.add_argument("--reference", default=REFERENCE, help=f"the phase compared against (default {REFERENCE})")
     parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. data=dummy n_seq=128")
     args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
@@ -221,11 +232,17 @@ def main(argv: list[str]) -> None:
         rows = run_grid(args.phase, sizes, budget_values, out, parse_overrides(args.overrides))
         report_phase(out, args.phase, rows)
         print(f"Scaling of {args.phase}: {out / f'{args.phase}_scaling.md'}, {out / f'{args.phase}_scaling.png'}")
-        other = ARM if args.phase == MDM else MDM
-        args.compare = args.compare or bool(frontier(load_results(out, other)))  # both phases measured here
-    if args.compare:
-        compare(out)
-        print(f"MDM vs ARM: {out / 'compare.md'}, {out / 'compare.png'}")
+    measured = phases_with_results(out)
+    others = [name for name in measured if name != args.reference]
+    if args.compare and not (others and args.reference in measured):
+        raise ConfigError(f"--compare needs finished runs of {args.reference} and of another phase in {out} "
+                          f"(found: {', '.join(measured) or 'none'}): run `make scaling PHASE=<phase> SIZES=... "
+                          f"BUDGETS=... OUT={out}` first")
+    if args.reference in measured:  # each phase against the reference, once both have results
+        for phase in others:
+            compare(out, phase, args.reference)
+            print(f"{phase} vs {args.reference}: {compare_path(out, phase, args.reference, 'md')}, "
+                  f"{compare_path(out, phase, args.reference, 'png')}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The training loop shared by every phase: python -m engine.train [CONFIG.yaml] [key=value ...]
 
 Reads top to bottom: build the phase's model, open data, (resume), then per step: micro-batches under
-autocast, backward, clip, AdamW, log, evaluate, save. The phase decides the model and the loss only.
+autocast, backward, the optimizer's step (engine/optim.py), log, evaluate, save. The phase decides the model,
+its config keys and the loss only.
 """
 
 import contextlib
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
+from engine.blocks import apply_to_blocks
 from engine.cli import run_cli
 from engine.config import Config, dump_config, load_config
+from engine.optim import build_optimizer, prepare_parameters
 from phases import get_phase
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12}
@@ -34,15 +37,25 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def budget_flops(n_params: int, tokens: int) -> float:
+    """Training compute by SMDM's convention C = 6 N D (N: parameters other than the input embedding)."""
+    return 6 * n_params * tokens
+
+
 def steps_for_budget(cfg: Config, n_params: int) -> int:
-    """max_steps from a compute budget, C = 6 N D (N: parameters other than the input embedding)."""
-    flops_per_step = 6 * n_params * cfg.tokens_per_step()
+    """max_steps from a compute budget."""
+    flops_per_step = budget_flops(n_params, cfg.tokens_per_step())
     steps = int(cfg.flops_budget // flops_per_step)
     if steps < 1:
         raise TrainingError(f"flops_budget={cfg.flops_budget:.3g} is less than one step "
                             f"({flops_per_step:.3g} FLOPs = 6 x {n_params:,} params x {cfg.tokens_per_step():,}"
                             " tokens): raise the budget or shrink the model or batch")
     return steps
+
+
+def steps_for_epochs(cfg: Config, train_tokens: int) -> int:
+    """max_steps for cfg.epochs passes over the training tokens (the last step may run past the end)."""
+    return max(1, math.ceil(cfg.epochs * train_tokens / cfg.tokens_per_step()))
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -58,26 +71,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
-    """AdamW; weight decay on matrices only (not norms), fused kernel on CUDA. In memory mode, the 8-bit
-    AdamW that updates each parameter inside backward (it clips too; nothing to call after backward)."""
-    if cfg.memory_mode:
-        from engine.low_memory import InBackwardOptimizer
-
-        return InBackwardOptimizer(model, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                   grad_clip=cfg.grad_clip, seed=cfg.seed)
-    fused = cfg.use_fused_optimizer and device.type == "cuda"
-    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                             betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer parameter groups: weight decay on matrices, none on norms' vectors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -129,13 +122,12 @@ class Trainer:
             raise TrainingError(f"the data's tokenizer has {self.train_data.vocab_size} ids but vocab_size="
                                 f"{cfg.vocab_size}: set vocab_size={self.train_data.vocab_size} or larger")
         self.model = self.phase.build_model(cfg)
-        if cfg.memory_mode:  # to bf16 before the move, so the GPU never holds the fp32 weights
-            from engine.low_memory import prepare_model_for_memory_mode
-
-            prepare_model_for_memory_mode(self.model)
+        prepare_parameters(self.model, cfg)
         self.model.to(self.device)
         if cfg.flops_budget > 0:
             cfg.max_steps = steps_for_budget(cfg, self.model.num_params())
+        if cfg.epochs > 0:
+            cfg.max_steps = steps_for_epochs(cfg, self.train_data.num_tokens)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         # sequences_drawn counts the training sequences used: a skipped step's batches are not drawn again
         self.step, self.tokens_seen, self.sequences_drawn, self.best_val_loss = 0, 0, 0, float("inf")
@@ -143,11 +135,7 @@ class Trainer:
         self.micro_batch_size, self.accumulation_steps = self.split_of_each_step()
         if resume_state is not None:
             self.resume(resume_state)
-        if cfg.use_compile:
-            if self.device.type == "cuda":
-                self.model.compile_blocks()
-            else:
-                print("use_compile ignored on CPU")
+        apply_to_blocks(self.model, cfg, self.device)
         self.eval_loss = self.phase.eval_loss or self.phase.loss
         self.flops_per_token = self.model.flops_per_token(cfg.n_seq)
         self.peak_flops = peak_flops(self.device)
@@ -189,7 +177,7 @@ class Trainer:
         self.micro_batch_size, self.accumulation_steps = size, 1
         try:
             self.train_step()
-            self.apply_update(finite=False)
+            self.optimizer.apply(finite=False)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()  # an asynchronous failure surfaces here, not in the real run
             return True
@@ -217,7 +205,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         return {
-            "phase": self.cfg.phase,
+            "phase": self.phase.name,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -231,10 +219,11 @@ class Trainer:
 
     def save(self, name: str) -> None:
         if self.saving:
-            ckpt.save_checkpoint(self.out_dir / f"{self.cfg.phase}_{name}.pt", self.checkpoint_state())
+            ckpt.save_checkpoint(self.out_dir / f"{self.phase.name}_{name}.pt", self.checkpoint_state())
 
-    def batch(self, stream, index: int, size: int) -> torch.Tensor:
-        tokens = stream.batch(index, size)
+    def batch(self, stream, first: int, size: int) -> torch.Tensor:
+        """Windows first..first+size-1 of a stream, on the device."""
+        tokens = stream.batch(first, size)
         if self.device.type == "cuda":
             return tokens.pin_memory().to(self.device, non_blocking=True)
         return tokens.to(self.device)
@@ -245,47 +234,26 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with autocast_for(self.cfg, self.device):
             for i in range(self.cfg.eval_batches):
-                total += self.eval_loss(self.model, self.batch(self.val_data, i, self.cfg.batch_size)).float()
+                batch = self.batch(self.val_data, i * self.cfg.batch_size, self.cfg.batch_size)
+                total += self.eval_loss(self.model, batch, self.cfg).float()
         self.model.train()
         return total.item() / self.cfg.eval_batches
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches; returns (loss, grad norm) as device tensors.
-        apply_update() then steps, except in memory mode, where backward already updated."""
+        self.optimizer.apply() then updates (or drops the update)."""
         cfg, accum, size = self.cfg, self.accumulation_steps, self.micro_batch_size
-        lr = lr_at(self.step + 1, cfg)
-        if cfg.memory_mode:
-            self.optimizer.begin_step(lr, accum)
-        else:
-            for group in self.optimizer.param_groups:  # some optimizers (torchao's) keep lr as a tensor
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
+        self.optimizer.begin_step(lr_at(self.step + 1, cfg), accum)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            # Windows are numbered consecutively, so any split of a step draws the same sequences.
-            batch = self.batch(self.train_data, self.sequences_drawn // size, size)
+        for _ in range(accum):
+            # Windows are numbered consecutively from the start of the run, so any split draws each once.
+            batch = self.batch(self.train_data, self.sequences_drawn, size)
             self.sequences_drawn += size
             with autocast_for(cfg, self.device):
-                loss = self.phase.loss(self.model, batch) / accum
-            if cfg.memory_mode:
-                self.optimizer.begin_micro_step(micro)
+                loss = self.phase.loss(self.model, batch, cfg) / accum
             loss.backward()
             loss_sum += loss.detach()
-        if cfg.memory_mode:
-            return loss_sum, self.optimizer.end_step()
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return loss_sum, grad_norm
-
-    def apply_update(self, finite: bool = True) -> None:
-        """Step with the gradients train_step left (or drop them when the step was not finite)."""
-        if self.cfg.memory_mode:
-            return  # applied inside backward, per parameter; a parameter with a NaN/Inf gradient kept its values
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, self.optimizer.end_step()
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -301,7 +269,7 @@ class Trainer:
             loss, grad_norm = self.train_step()
             # One host sync per optimizer step (never per micro-step): skip non-finite updates.
             if not torch.isfinite(loss + grad_norm):
-                self.apply_update(finite=False)
+                self.optimizer.apply(finite=False)
                 bad_steps += 1
                 print(f"Step {self.step + 1:6d} | non-finite loss or gradient: update skipped "
                       f"({bad_steps}/{cfg.max_bad_steps})")
@@ -311,7 +279,7 @@ class Trainer:
                                         " are from before the divergence")
                 continue
             bad_steps = 0
-            self.apply_update()
+            self.optimizer.apply()
             self.step += 1
             self.tokens_seen += cfg.tokens_per_step()
             window_tokens += cfg.tokens_per_step()
@@ -346,7 +314,7 @@ class Trainer:
             record["mfu"] = tok_per_s * self.flops_per_token / self.peak_flops
             line += f" | MFU: {record['mfu']:.2f}"
         if self.cfg.flops_budget > 0:
-            record["flops"] = 6 * self.model.num_params() * self.tokens_seen
+            record["flops"] = budget_flops(self.model.num_params(), self.tokens_seen)
             line += f" | FLOPs: {record['flops']:.2e}"
         if val_loss is not None:
             record["val_loss"] = val_loss
@@ -363,10 +331,12 @@ class Trainer:
         if cfg.flops_budget > 0:
             print(f"flops_budget {cfg.flops_budget:.3g} = 6 x {model.num_params():,} params x "
                   f"{cfg.max_steps * cfg.tokens_per_step():,} tokens -> {cfg.max_steps} steps")
-        print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {cfg.phase} | "
-              f"{model.num_params(exclude_embedding=False) / 1e6:.1f}M params ({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
-              f"attention {model.attention_backend} | rms_norm {model.norm_backend}"
-              f"{' | memory mode' if cfg.memory_mode else ''} | "
+        if cfg.epochs > 0:
+            print(f"epochs {cfg.epochs:g} x {self.train_data.num_tokens:,} train tokens -> {cfg.max_steps} steps")
+        print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {self.phase.name} | "
+              f"{model.num_params(exclude_embedding=False) / 1e6:.1f}M params "
+              f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
+              f"{model.describe()}{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
               f"{cfg.tokens_per_step():,} tokens/step ({self.micro_batch_size} x {self.accumulation_steps} sequences) | "
               + (f"fast_dev_run: {cfg.fast_dev_run} steps, saves nothing" if cfg.fast_dev_run else
@@ -383,4 +353,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    # Run the module's importable twin: its TrainingError is the class engine.cli reports as a user error.
+    from engine.train import main as engine_main
+
+    run_cli(engine_main, sys.argv[1:])

@@ -49,8 +49,14 @@ def test_adam8bit_reports_each_optimizer_against_the_fp32_reference(capsys):
     adam8bit.main(["--steps", "3", "--no-record", "data=dummy", "vocab_size=64", "n_seq=16", "d_model=32",
                    "n_heads=2", "n_layers=1", "ffn_dim=64", "batch_size=2", "log_every=1", "eval_batches=1",
                    "warmup_steps=1"])
-    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ")}
-    assert "| +0.00% |" in rows["fp32 AdamW (reference)"]
-    assert "%" in rows["ours (memory mode)"]
+    rows = {cells[0]: cells[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
     assert set(adam8bit.RUNS) <= set(rows)  # a missing peer gets a row that says so
+    reference = rows["fp32 AdamW (reference)"]
+    assert reference[1] == reference[3] == "+0.00%"
+    for name, cells in rows.items():
+        if name in adam8bit.RUNS and "not installed" not in cells[0]:
+            for loss, relative, ref in ((cells[0], cells[1], reference[0]), (cells[2], cells[3], reference[2])):
+                assert float(relative.rstrip("%")) == pytest.approx(100 * (float(loss) / float(ref) - 1), abs=0.02)
+    ours = rows["ours (memory mode)"]
+    assert ours[0] != reference[0]  # 8-bit states and bf16 weights: not the same run

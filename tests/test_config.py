@@ -49,8 +49,35 @@ def test_bad_values_are_named(override, expected):
 
 def test_every_shipped_config_loads():
     from pathlib import Path
-    for path in sorted(Path(ROOT, "configs").glob("*.yaml")):
+    paths = sorted(Path(ROOT, "configs").rglob("*.yaml"))
+    assert any(p.parent.name == "tiny_scaling" for p in paths)
+    for path in paths:
         load_config(str(path))
+
+
+@pytest.mark.parametrize("source, attention", [
+    (["use_flash_attention=false"], "sdpa"),
+    (["use_flash_attention=true"], "triton"),  # true leaves attention as it is
+    (["use_flash_attention=true", "attention=eager"], "eager"),
+    (["use_flash_attention=false", "attention=sdpa"], "sdpa"),
+])
+def test_the_seeds_use_flash_attention_is_an_alias_of_attention(source, attention):
+    cfg = load_config(None, source)
+    assert cfg.attention == attention and "use_flash_attention" not in cfg.to_dict()
+
+
+def test_alias_and_key_that_disagree_are_an_error_and_a_later_source_wins(tmp_path):
+    with pytest.raises(ConfigError, match="use_flash_attention=false means attention=sdpa, but attention=eager"):
+        load_config(None, ["use_flash_attention=false", "attention=eager"])
+    path = tmp_path / "c.yaml"
+    path.write_text("use_flash_attention: false\n")
+    assert load_config(str(path), ["attention=triton"]).attention == "triton"  # the override wins
+
+
+def test_epochs_and_flops_budget_exclude_each_other():
+    assert load_config(None, ["epochs=2.5"]).epochs == 2.5
+    with pytest.raises(ConfigError, match="epochs and flops_budget both set max_steps"):
+        load_config(None, ["epochs=1", "flops_budget=1e15"])
 
 
 def run_train(*args):

@@ -41,7 +41,7 @@ def test_text_folder_is_tokenized_once_and_split_95_5(tokenizer_path, tmp_path, 
     assert val.num_tokens == int(len(everything) * 0.05) and train.vocab_size == len(load_tokenizer(tokenizer_path))
     assert len(list(cache.glob("*.npy"))) == 1
     monkeypatch.setattr(onthefly, "tokenize", lambda *a: pytest.fail("the cache was not used"))
-    assert open_data(str(folder), "train", 8, 0, 300, tokenizer_path).batch(2, 3).equal(train.batch(2, 3))
+    assert open_data(str(folder), "train", 8, 0, 300, tokenizer_path).batch(6, 3).equal(train.batch(6, 3))
 
 
 def test_single_jsonl_file(tokenizer_path, tmp_path):

@@ -34,10 +34,10 @@ def test_mixture_follows_the_weights_and_resumes(tmp_path):
     main(["--sources", f"{a}:7", f"{b}:3", "--out", str(tmp_path / "mix.yaml")])  # as Make passes it, unquoted
     assert load_recipe(tmp_path / "mix.yaml") == [(a, 0.7), (b, 0.3)]
     stream = open_data(str(tmp_path / "mix.yaml"), "train", 16, seed=3, vocab_size=2000)
-    rows = torch.cat([stream.batch(i, 100) for i in range(40)])
+    rows = torch.cat([stream.batch(100 * i, 100) for i in range(40)])
     from_a = (rows < 1000).all(dim=1).float().mean().item()
     assert abs(from_a - 0.7) < 0.03 and ((rows >= 1000).all(dim=1) | (rows < 1000).all(dim=1)).all()
-    assert torch.equal(stream.batch(7, 50), rows[350:400])  # batch size 50 resumes the batch-100 stream
+    assert torch.equal(stream.batch(350, 50), rows[350:400])  # batch size 50 resumes the batch-100 stream
     assert stream.vocab_size == 2000 and stream.num_tokens == 10000
     assert not torch.equal(open_data(str(tmp_path / "mix.yaml"), "val", 16, 3, 2000).batch(0, 8), rows[:8])
 

@@ -12,7 +12,7 @@ import torch
 
 from engine.config import load_config
 from engine.train import Trainer
-from phases.phase7.model import Transformer
+from phases.phase7 import build_model
 
 pytestmark = pytest.mark.gpu
 SMALL = ["vocab_size=64", "n_seq=256", "d_model=256", "n_heads=2", "n_layers=2", "ffn_dim=512", "device=cuda"]
@@ -26,7 +26,7 @@ def test_triton_model_matches_the_pytorch_model(compiled):
     outputs = []
     for attention, norm in (("triton", "triton"), ("sdpa", "torch")):
         torch.manual_seed(0)
-        model = Transformer(load_config(None, SMALL + [f"attention={attention}", f"rms_norm={norm}"])).cuda()
+        model = build_model(load_config(None, SMALL + [f"attention={attention}", f"rms_norm={norm}"])).cuda()
         if compiled:
             for layer in model.layers:
                 layer.compile(fullgraph=True)
@@ -34,7 +34,7 @@ def test_triton_model_matches_the_pytorch_model(compiled):
             logits = model(batch).float()
         logits.square().mean().backward()
         outputs.append((logits, [p.grad.float() for p in model.parameters()]))
-        assert (model.attention_backend, model.norm_backend) == (attention, norm)
+        assert (model.args.attention, model.args.rms_norm) == (attention, norm)
     (ours, our_grads), (peer, peer_grads) = outputs
     torch.testing.assert_close(ours, peer, atol=3e-2, rtol=3e-2)
     for a, b in zip(our_grads, peer_grads):

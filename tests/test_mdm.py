@@ -1,6 +1,7 @@
 """The masked diffusion phase: forward process, the bound's scale, bidirectionality, sampler, eval, resume."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,20 +25,23 @@ def tiny(*extra):
     return build_model(load_config(None, MODEL + list(extra))).eval()
 
 
+CFG = load_config(None, MODEL)
+
+
 class Predictor(nn.Module):
     """Stands in for the Transformer: logits 50 x one-hot of `answer` (the true tokens), or all zeros."""
 
     def __init__(self, vocab_size: int, answer: torch.Tensor | None):
         super().__init__()
-        self.cfg = load_config(None, [f"vocab_size={vocab_size}"])
+        self.args = SimpleNamespace(vocab_size=vocab_size + 1)  # the mask token's id is the last
         self.answer = answer
         self.lm_head = nn.Linear(vocab_size + 1, vocab_size + 1, bias=False)
         self.lm_head.weight.data = torch.eye(vocab_size + 1)
 
     def hidden_states(self, noisy):
         if self.answer is None:
-            return torch.zeros(*noisy.shape, self.cfg.vocab_size + 1)
-        return 50.0 * nn.functional.one_hot(self.answer, self.cfg.vocab_size + 1).float()
+            return torch.zeros(*noisy.shape, self.args.vocab_size)
+        return 50.0 * nn.functional.one_hot(self.answer, self.args.vocab_size).float()
 
 
 def test_masking_rate_follows_t():
@@ -63,11 +67,11 @@ def test_perfect_predictions_give_zero_loss_and_uniform_ones_log_vocab():
     torch.manual_seed(0)
     batch = torch.randint(0, V, (64, 513))
     perfect = Predictor(V, batch[:, :-1])
-    assert diffusion_loss(perfect, batch).item() < 1e-6
-    assert eval_diffusion_loss(perfect, batch).item() < 1e-6
+    assert diffusion_loss(perfect, batch, CFG).item() < 1e-6
+    assert eval_diffusion_loss(perfect, batch, CFG).item() < 1e-6
     uniform = Predictor(V, None)
-    assert diffusion_loss(uniform, batch).item() == pytest.approx(math.log(V), rel=0.05)
-    assert eval_diffusion_loss(uniform, batch).item() == pytest.approx(math.log(V), rel=0.05)
+    assert diffusion_loss(uniform, batch, CFG).item() == pytest.approx(math.log(V), rel=0.05)
+    assert eval_diffusion_loss(uniform, batch, CFG).item() == pytest.approx(math.log(V), rel=0.05)
 
 
 def test_a_later_token_changes_earlier_logits():
@@ -84,10 +88,10 @@ def test_eval_loss_is_deterministic_and_leaves_the_global_rng_alone():
     batch = torch.randint(0, V, (3, 41))
     torch.manual_seed(1)
     state = torch.get_rng_state()
-    first = eval_diffusion_loss(model, batch)
+    first = eval_diffusion_loss(model, batch, CFG)
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(2)
-    assert torch.equal(eval_diffusion_loss(model, batch), first)
+    assert torch.equal(eval_diffusion_loss(model, batch, CFG), first)
     assert EVAL_LEVELS >= 8
 
 
@@ -141,10 +145,10 @@ def test_training_lowers_the_bound():
     model = tiny().train()
     batch = torch.arange(8)[:, None].expand(8, 41) * 11
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    before = eval_diffusion_loss(model, batch).item()
+    before = eval_diffusion_loss(model, batch, CFG).item()
     for _ in range(25):
-        loss = diffusion_loss(model, batch)
+        loss = diffusion_loss(model, batch, CFG)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert eval_diffusion_loss(model, batch).item() < 0.25 * before
+    assert eval_diffusion_loss(model, batch, CFG).item() < 0.25 * before

@@ -1,5 +1,6 @@
 import torch
 
+from engine.blocks import checkpoint_blocks
 from engine.config import load_config
 from engine.sampling import SamplingSettings, filter_logits
 from phases.phase7 import build_model, generate, next_token_loss
@@ -11,6 +12,10 @@ TINY = ["vocab_size=97", "d_model=64", "n_heads=4", "n_layers=2", "n_seq=40", "f
 def tiny(*extra):
     torch.manual_seed(0)
     return build_model(load_config(None, TINY + list(extra)))
+
+
+def loss_of(model, batch):
+    return next_token_loss(model, batch, load_config(None, TINY))
 
 
 def test_future_tokens_do_not_change_past_logits():
@@ -35,7 +40,7 @@ def test_fused_projections_give_the_same_loss_and_gradients():
     results = []
     for fused in ("true", "false"):
         model = tiny("n_kv_heads=2", f"fused_projections={fused}")
-        loss = next_token_loss(model, batch)
+        loss = loss_of(model, batch)
         loss.backward()
         results.append((loss, {name: p.grad for name, p in model.named_parameters()}))
     (fused_loss, fused_grads), (plain_loss, plain_grads) = results
@@ -47,7 +52,7 @@ def test_fused_projections_give_the_same_loss_and_gradients():
 
 def test_export_to_hf_llama_is_a_rename_with_same_logits():
     model = tiny("n_kv_heads=2").eval()
-    hf = to_hf(model.cfg, model.state_dict()).eval()
+    hf = to_hf(model.args, model.state_dict()).eval()
     x = torch.randint(0, 97, (2, 25))
     torch.testing.assert_close(model(x), hf(x).logits, atol=2e-5, rtol=1e-4)
 
@@ -56,23 +61,28 @@ def test_tiny_model_overfits_one_batch():
     model = tiny()
     batch = torch.randint(0, 97, (4, 41))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = next_token_loss(model, batch).item()
+    first = loss_of(model, batch).item()
     for _ in range(150):
-        loss = next_token_loss(model, batch)
+        loss = loss_of(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert first > 4.0 and loss.item() < 0.1
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_gives_same_gradients_and_state_dict_keys():
     batch = torch.randint(0, 97, (2, 41))
-    grads = []
-    for flag in ("false", "true"):
-        model = tiny(f"use_gradient_checkpointing={flag}")
-        next_token_loss(model, batch).backward()
-        grads.append(model.layers[0].mlp.up_proj.weight.grad)
-    torch.testing.assert_close(grads[0], grads[1])
+    grads, keys = [], []
+    for checkpointed in (False, True):
+        model = tiny()
+        if checkpointed:
+            checkpoint_blocks(model)
+        loss_of(model, batch).backward()
+        grads.append({name.replace("_checkpoint_wrapped_module.", ""): p.grad for name, p in model.named_parameters()})
+        keys.append(list(model.state_dict()))
+    assert keys[0] == keys[1]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad)
 
 
 def test_kv_cache_generation_equals_full_recompute():
@@ -112,13 +122,13 @@ def test_flops_per_token_counts_non_embedding_params():
 
 
 def test_a_block_compiles_into_one_graph():
-    """compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused) would
+    """engine.blocks.compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused) would
     split it and lose fusion. aot_eager traces forward and backward without needing a C++ compiler."""
     model = tiny("n_kv_heads=2")
     block, x = model.layers[0], torch.randn(2, 9, 64, requires_grad=True)
-    cos, sin = model.rope_cos[:9], model.rope_sin[:9]
+    rope = (model.rope_cos[:9], model.rope_sin[:9])
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    eager_out, compiled_out = block(x, cos, sin), compiled(x, cos, sin)
+    eager_out, compiled_out = block(x, rope), compiled(x, rope)
     torch.testing.assert_close(compiled_out, eager_out)
     eager_grad, = torch.autograd.grad(eager_out.square().sum(), x)
     compiled_grad, = torch.autograd.grad(compiled_out.square().sum(), x)

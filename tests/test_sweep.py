@@ -71,24 +71,24 @@ def test_tiny_scaling_runs_fit_plot_and_compare(tmp_path):
         assert (out / f"{phase}_scaling.png").stat().st_size > 0
         report = (out / f"{phase}_scaling.md").read_text()
         assert "Compute-optimal frontier" in report and "Fit on the frontier: log L =" in report
-        assert (out / "compare.md").exists() == (phase == "phase7")  # compared once both phases have results
+        assert (out / "mdm_vs_phase7.md").exists() == (phase == "phase7")  # compared once both have results
     steps = {r["run"]: int(r["steps"]) for r in read_csv(out / "phase7_results.csv") if r["status"] == "ok"}
-    assert steps["arm_one_1e7"] * 2 == steps["arm_one_2e7"] and steps["arm_two_1e7"] < steps["arm_one_1e7"]
-    (out / "compare.md").unlink()
+    assert steps["phase7_one_1e7"] * 2 == steps["phase7_one_2e7"] and steps["phase7_two_1e7"] < steps["phase7_one_1e7"]
+    (out / "mdm_vs_phase7.md").unlink()
     scaling.main(["--compare", "--out", str(out)])
-    assert (out / "compare.png").stat().st_size > 0 and "Compute gap:" in (out / "compare.md").read_text()
+    assert (out / "mdm_vs_phase7.png").stat().st_size > 0 and "Compute gap:" in (out / "mdm_vs_phase7.md").read_text()
 
 
 def test_gap_is_the_compute_factor_between_the_laws():
     laws = [{"budget": c, "val_loss": 5 * c ** -0.1} for c in (1e15, 1e16, 1e17)]
     a, b = scaling.fit_power_law(laws)
     assert (math.exp(a), b) == (pytest.approx(5), pytest.approx(-0.1))
-    arm = [{"budget": c, "val_loss": 5 * (16 * c) ** -0.1} for c in (1e15, 1e16)]  # the ARM is 16x as efficient
-    gaps = scaling.compute_gap((a, b), arm, [1e15, 1e17])
+    causal = [{"budget": c, "val_loss": 5 * (16 * c) ** -0.1} for c in (1e15, 1e16)]  # 16x as efficient
+    gaps = scaling.compute_gap((a, b), causal, [1e15, 1e17])
     assert [g["gap"] for g in gaps] == [pytest.approx(16), pytest.approx(16)]
     assert [g["extrapolated"] for g in gaps] == ["no", "yes"]  # 1.6e17 lies past the MDM's largest run
 
 
 def test_compare_without_results_says_what_to_run(tmp_path):
-    with pytest.raises(ConfigError, match="none for mdm, phase7.*make scaling PHASE="):
+    with pytest.raises(ConfigError, match=r"finished runs of phase7 and of another phase .*\(found: none\).*make scaling PHASE="):
         scaling.main(["--compare", "--out", str(tmp_path)])

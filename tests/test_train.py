@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_non_finite_loss_skips_updates_then_stops_without_touching_checkpoints(t
                                     f"resume={final}"])
     trainer = Trainer(cfg)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.phase = dataclasses.replace(trainer.phase, loss=lambda model, batch: model(batch[:, 1:]).sum() * float("nan"))
+    trainer.phase = dataclasses.replace(trainer.phase, loss=lambda model, batch, cfg: model(batch[:, 1:]).sum() * float("nan"))
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
         trainer.fit()
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
@@ -147,9 +148,9 @@ def test_a_skipped_step_does_not_draw_the_same_batches_again(tmp_path):
     seen = []
     real_loss = trainer.phase.loss
 
-    def nan_on_first_batch(model, batch):
+    def nan_on_first_batch(model, batch, cfg):
         seen.append(batch.clone())
-        loss = real_loss(model, batch)
+        loss = real_loss(model, batch, cfg)
         return loss * float("nan") if len(seen) <= 2 else loss  # the first step's two micro-batches
 
     trainer.phase = dataclasses.replace(trainer.phase, loss=nan_on_first_batch)
@@ -160,15 +161,15 @@ def test_a_skipped_step_does_not_draw_the_same_batches_again(tmp_path):
 
 
 def test_fused_cross_entropy_is_the_plain_loss_and_gradient():
-    from phases.phase7 import next_token_loss
-    from phases.phase7.model import Transformer
+    from phases.phase7 import build_model, next_token_loss
 
     batch = torch.randint(0, 64, (3, 17))
     results = []
     for fused in (True, False):
         torch.manual_seed(0)
-        model = Transformer(load_config(None, TINY + [f"fused_cross_entropy={fused}"]))
-        loss = next_token_loss(model, batch)
+        cfg = load_config(None, TINY + [f"fused_cross_entropy={fused}"])
+        model = build_model(cfg)
+        loss = next_token_loss(model, batch, cfg)
         loss.backward()
         results.append((loss, [p.grad for p in model.parameters()]))
     (fused_loss, fused_grads), (plain_loss, plain_grads) = results
@@ -178,7 +179,7 @@ def test_fused_cross_entropy_is_the_plain_loss_and_gradient():
 
 
 def test_triton_kernels_fall_back_to_pytorch_where_they_cannot_run(monkeypatch):
-    from phases.phase7.model import attention_backend, norm_backend
+    from phases.phase7.config import attention_backend, norm_backend
 
     cfg = load_config(None, TINY)
     assert (cfg.attention, cfg.rms_norm) == ("triton", "triton")
@@ -195,12 +196,12 @@ def test_flash_attn_backend_without_the_package_is_a_clear_error():
     import importlib.util
 
     from engine.config import ConfigError
-    from phases.phase7.model import Transformer
+    from phases.phase7 import build_model
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="pip install flash-attn"):
-        Transformer(load_config(None, TINY + ["attention=flash_attn"]))
+        build_model(load_config(None, TINY + ["attention=flash_attn"]))
 
 
 def test_wandb_logger_runs_offline_without_a_login(tmp_path, monkeypatch):
@@ -230,6 +231,35 @@ def test_micro_batch_size_resplits_each_step_over_the_same_sequences(tmp_path):
             assert val == (None if ref_val is None else pytest.approx(ref_val, rel=1e-4))  # same val windows
 
 
+def test_a_resplit_after_12_sequences_draws_every_window_exactly_once(tmp_path):
+    """12 sequences drawn, then micro-batches of 8: windows 12, 13, ... follow, not 8-11 again."""
+    trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", "batch_size=8",
+                                                "gradient_accumulation_steps=1"]))
+    drawn = []
+    real_batch = trainer.train_data.batch
+    trainer.train_data.batch = lambda first, count: (drawn.extend(range(first, first + count)),
+                                                      real_batch(first, count))[1]
+    trainer.sequences_drawn = 12
+    trainer.train_step()
+    trainer.train_step()
+    assert drawn == list(range(12, 28))
+
+
+def test_epochs_set_max_steps_from_the_training_tokens(tmp_path, capsys):
+    trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", "epochs=0.001"]))
+    tokens = trainer.train_data.num_tokens
+    assert trainer.cfg.max_steps == math.ceil(0.001 * tokens / (2 * 2 * 16)) > 1
+    trainer.fit()
+    assert f"epochs 0.001 x {tokens:,} train tokens -> {trainer.cfg.max_steps} steps" in capsys.readouterr().out
+
+
+def test_a_missing_checkpoint_names_what_its_folder_holds(tmp_path):
+    train(tmp_path, "max_steps=3")
+    with pytest.raises(CheckpointError, match=r"step_3.pt not found; .*holds: phase7_best.pt, phase7_final.pt, "
+                                              r"phase7_step_3.pt"):
+        load_checkpoint(tmp_path / "run" / "step_3.pt")
+
+
 def test_resume_with_another_split_continues_the_same_data(tmp_path):
     train(tmp_path, "max_steps=3", run="first")
     checkpoint = tmp_path / "first" / "phase7_step_3.pt"
@@ -250,11 +280,11 @@ def test_auto_micro_batch_takes_the_largest_that_fits_and_leaves_no_trace(tmp_pa
     trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", "batch_size=4", f"memory_mode={memory_mode}"]))
     real_loss, tried = trainer.phase.loss, []
 
-    def out_of_memory_above_2(model, batch):
+    def out_of_memory_above_2(model, batch, cfg):
         tried.append(batch.shape[0])
         if batch.shape[0] > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_loss(model, batch)
+        return real_loss(model, batch, cfg)
 
     trainer.phase = dataclasses.replace(trainer.phase, loss=out_of_memory_above_2)
     weights, optimizer = to_cpu(trainer.model.state_dict()), to_cpu(trainer.optimizer.state_dict())

@@ -11,11 +11,15 @@ The model never predicts the mask token: its lm_head row is left out of every so
 masking probabilities"), which is the same as giving it a logit of -inf.
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from engine.config import ConfigError
 from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
-from phases.mdm.sampler import generate, token_weight
+from phases.mdm.sampler import generate, mask_id, token_weight
+from phases.phase7.config import SHAPE_KEYS, Phase7Config, model_args
 from phases.phase7.model import Transformer
 
 IGNORE = -100  # cross-entropy target of a position that stays visible: it adds nothing to the loss
@@ -23,9 +27,19 @@ EVAL_LEVELS = 8  # noise levels in the fixed evaluation grid
 EVAL_SEED = 0  # masks at evaluation come from this seed, so every evaluation scores the same corruption
 
 
-def build_model(cfg) -> Transformer:
+@dataclass
+class MDMConfig(Phase7Config):
+    mdm_eps: float = 1e-3  # noise levels t are drawn from U(mdm_eps, 1)
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.mdm_eps < 1:
+            raise ConfigError(f"mdm_eps must be in (0, 1); got {self.mdm_eps}")
+
+
+def build_model(cfg: MDMConfig) -> Transformer:
     """Phase 7's Transformer, bidirectional, with one extra embedding row for the mask token."""
-    return Transformer(cfg, causal=False, vocab_size=cfg.vocab_size + 1)
+    return Transformer(model_args(cfg, causal=False, vocab_size=cfg.vocab_size + 1))
 
 
 def noise_levels(batch: int, eps: float, device) -> torch.Tensor:
@@ -49,7 +63,7 @@ def diffusion_bound(model: Transformer, tokens: torch.Tensor, t: torch.Tensor, g
     step needs no host sync. The fused lm_head + cross-entropy never holds the (tokens x vocab) logits;
     its softmax runs in fp32.
     """
-    noisy, masked = corrupt(tokens, t, model.cfg.vocab_size, generator)
+    noisy, masked = corrupt(tokens, t, mask_id(model), generator)
     hidden = model.hidden_states(noisy).flatten(0, 1)
     targets = torch.where(masked, tokens, IGNORE).flatten()
     weights = (1 / t)[:, None].expand_as(tokens).flatten()
@@ -57,17 +71,17 @@ def diffusion_bound(model: Transformer, tokens: torch.Tensor, t: torch.Tensor, g
     return nll / tokens.numel()
 
 
-def diffusion_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(model: Transformer, batch: torch.Tensor, cfg: MDMConfig) -> torch.Tensor:
     """Training loss on the first n_seq tokens of each window; noise from torch's global RNG (resumable)."""
     tokens = batch[:, :-1]
-    return diffusion_bound(model, tokens, noise_levels(tokens.shape[0], model.cfg.mdm_eps, tokens.device))
+    return diffusion_bound(model, tokens, noise_levels(tokens.shape[0], cfg.mdm_eps, tokens.device))
 
 
-def eval_diffusion_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+def eval_diffusion_loss(model: Transformer, batch: torch.Tensor, cfg: MDMConfig) -> torch.Tensor:
     """The bound by the midpoint rule over a fixed grid of noise levels, with masks from a fixed seed:
     the same weights and data always give the same value, whatever the global RNG state."""
     tokens = batch[:, :-1]
-    eps = model.cfg.mdm_eps
+    eps = cfg.mdm_eps
     generator = torch.Generator(device=tokens.device).manual_seed(EVAL_SEED)
     total = torch.zeros((), device=tokens.device)
     for k in range(EVAL_LEVELS):
@@ -77,4 +91,4 @@ def eval_diffusion_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor
 
 
 PHASE = Phase(name="mdm", build_model=build_model, loss=diffusion_loss, generate=generate,
-              eval_loss=eval_diffusion_loss)
+              eval_loss=eval_diffusion_loss, config=MDMConfig, shape_keys=SHAPE_KEYS)

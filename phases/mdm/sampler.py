@@ -6,9 +6,14 @@ import torch.nn.functional as F
 from engine.sampling import SamplingSettings, sample
 
 
+def mask_id(model) -> int:
+    """The mask token is the extra id after the tokenizer's vocabulary (build_model adds its row)."""
+    return model.args.vocab_size - 1
+
+
 def token_weight(model) -> torch.Tensor:
     """lm_head rows of the real tokens: the mask token's row is never a prediction."""
-    return model.lm_head.weight[:model.cfg.vocab_size]
+    return model.lm_head.weight[:mask_id(model)]
 
 
 @torch.no_grad()
@@ -21,12 +26,12 @@ def generate(model, prompt: torch.Tensor, settings: SamplingSettings, on_token=N
     changes. Returns the new ids (1, L), cut after the first EOS; on_token gets them left to right at the
     end, because a diffusion model fills positions in no particular order.
     """
-    mask_id, max_len = model.cfg.vocab_size, model.rope_cos.shape[0]
+    mask, max_len = mask_id(model), model.args.max_seq_len
     prompt = prompt[:, -(max_len - 1):]  # keep the prompt's tail, leaving room for one new token at least
     length = min(settings.max_new_tokens, max_len - prompt.shape[1])
     if length <= 0:
         return prompt[:, :0]
-    x = torch.cat([prompt, prompt.new_full((prompt.shape[0], length), mask_id)], dim=1)
+    x = torch.cat([prompt, prompt.new_full((prompt.shape[0], length), mask)], dim=1)
     masked = torch.zeros_like(x, dtype=torch.bool)
     masked[:, prompt.shape[1]:] = True
     for k in range(max(1, settings.steps), 0, -1):

@@ -6,19 +6,20 @@ import torch.nn.functional as F
 from engine.sampling import SamplingSettings, sample
 from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
+from phases.phase7.config import SHAPE_KEYS, Phase7Config, model_args
 from phases.phase7.model import Transformer
 
 
-def build_model(cfg) -> Transformer:
-    return Transformer(cfg, causal=True)
+def build_model(cfg: Phase7Config) -> Transformer:
+    return Transformer(model_args(cfg, causal=True))
 
 
-def next_token_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model: Transformer, batch: torch.Tensor, cfg: Phase7Config) -> torch.Tensor:
     """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; with fused_cross_entropy the
     (tokens x vocab) logits never exist at once (kernels/cross_entropy.py)."""
     hidden = model.hidden_states(batch[:, :-1]).flatten(0, 1)
     targets = batch[:, 1:].flatten()
-    if model.cfg.fused_cross_entropy:
+    if cfg.fused_cross_entropy:
         return linear_cross_entropy(hidden, model.lm_head.weight, targets)
     return F.cross_entropy(model.lm_head(hidden).float(), targets)
 
@@ -26,7 +27,7 @@ def next_token_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSettings, on_token=None):
     """Autoregressive sampling with a KV cache. prompt: (1, T). Returns the new ids (1, N)."""
-    max_len = model.rope_cos.shape[0]
+    max_len = model.args.max_seq_len
     budget = min(settings.max_new_tokens, max_len - 1)
     prompt = prompt[:, -(max_len - budget):]  # keep the prompt's tail when it would not fit
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + budget)
@@ -44,4 +45,5 @@ def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSetting
     return torch.stack(new_ids, dim=1) if new_ids else prompt[:, :0]
 
 
-PHASE = Phase(name="phase7", build_model=build_model, loss=next_token_loss, generate=generate)
+PHASE = Phase(name="phase7", build_model=build_model, loss=next_token_loss, generate=generate,
+              config=Phase7Config, shape_keys=SHAPE_KEYS)

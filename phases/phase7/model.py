@@ -2,46 +2,46 @@
 
 Module and parameter names follow transformers' LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj,
 mlp.gate_proj, input_layernorm, norm, lm_head), so export to Hugging Face is a rename: see export.py.
-The same blocks serve bidirectional phases (mdm) with causal=False.
+The model knows nothing of training: it takes a `ModelArgs` (backends already chosen), and the engine applies
+checkpointing, torch.compile and sharding to its blocks from outside. A block's token mixer is a parameter:
+attention here, linear attention in phase 8. The same blocks serve bidirectional phases (mdm) with causal=False.
 """
 
-import importlib.util
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from engine.config import Config, ConfigError
-from kernels.support import ATTENTION_HEAD_DIMS, triton_available
 
 
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int  # SwiGLU hidden size
+    max_seq_len: int  # RoPE tables are built for this many positions
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    causal: bool = True
+    attention: str = "sdpa"  # the backend to run: triton | sdpa | eager | flash_attn
+    rms_norm: str = "torch"  # triton | torch
+    fused_projections: bool = True  # q/k/v and gate/up as one matmul each in training
 
-def attention_backend(cfg: Config) -> str:
-    """The backend the model will really use: attention=triton falls back to SDPA where the Triton kernels
-    cannot run (no CUDA, no triton package, a head size they do not support); use_flash_attention=false
-    forces SDPA, as in the seed."""
-    if not cfg.use_flash_attention:
-        return "sdpa"
-    if cfg.attention == "triton":
-        return "triton" if triton_available() and cfg.d_model // cfg.n_heads in ATTENTION_HEAD_DIMS else "sdpa"
-    if cfg.attention == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("attention=flash_attn but flash-attn is not installed: "
-                          "pip install flash-attn --no-build-isolation, or use attention=triton")
-    return cfg.attention
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
 
 
-def norm_backend(cfg: Config) -> str:
-    """rms_norm=triton runs kernels/norm.py where Triton can run, the PyTorch RMSNorm elsewhere."""
-    return "triton" if cfg.rms_norm == "triton" and triton_available() else "torch"
-
-
-def ffn_dim_for(cfg: Config) -> int:
-    """SwiGLU width: explicit, or 8/3 d rounded up to a multiple of 256 (Llama's rule)."""
-    if cfg.ffn_dim:
-        return cfg.ffn_dim
-    return 256 * math.ceil(8 * cfg.d_model / 3 / 256)
+def dense_flops_per_token(non_embedding_params: int, n_layers: int, d_model: int, n_seq: int) -> float:
+    """Training FLOPs per token of a dense Transformer: 6 N (N without the input embedding; forward 2, backward
+    4 per weight) + 12 L d S for the attention scores and their use (PaLM's MFU convention)."""
+    return 6 * non_embedding_params + 12 * n_layers * d_model * n_seq
 
 
 class RMSNorm(nn.Module):
@@ -107,18 +107,17 @@ def attention(q, k, v, causal: bool, backend: str, mask=None):
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding, one slot per layer."""
+    """One attention layer's preallocated keys and values for incremental decoding."""
 
-    def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, device, dtype):
-        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, batch, max_len, n_kv_heads, head_dim, device, dtype):
+        self.k = torch.zeros((batch, max_len, n_kv_heads, head_dim), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
 
-    def update(self, layer: int, start: int, k, v):
+    def update(self, start: int, k, v):
         end = start + k.shape[1]
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
 
 
 def fused_linear(x, *linears):
@@ -131,21 +130,22 @@ def fused_linear(x, *linears):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, causal: bool, backend: str):
-        super().__init__()
-        self.fused = cfg.fused_projections
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.causal = causal
-        self.backend = backend
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+    """Multi-head (grouped-query) attention with RoPE: the token mixer of phase 7's blocks."""
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.fused = args.fused_projections
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.causal, self.backend = args.causal, args.attention
+        self.q_proj = nn.Linear(args.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.d_model, bias=False)
+
+    def forward(self, x, rope, cache: KVCache | None = None, start: int = 0):
+        """x (B, S, d); rope = (cos, sin) of positions start..start+S-1; cache: this layer's, when decoding."""
         B, S, _ = x.shape
+        cos, sin = rope
         if self.fused and self.training:
             q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
         else:
@@ -154,18 +154,20 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
         mask = None
-        causal = self.causal
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)
-            if start > 0 and causal:
+            k, v = cache.update(start, k, v)
+            if start > 0 and self.causal:
                 # New queries sit at positions start..start+S-1 of a longer key sequence.
                 positions = torch.arange(k.shape[1], device=x.device)
                 mask = positions[None, :] <= (start + torch.arange(S, device=x.device))[:, None]
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        out = attention(q, k, v, causal, self.backend, mask)
+        out = attention(q, k, v, self.causal, self.backend, mask)
         return self.o_proj(out.reshape(B, S, -1))
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, device, dtype)
 
 
 class SwiGLU(nn.Module):
@@ -185,83 +187,82 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, causal: bool, backend: str, triton_norm: bool):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
-        self.self_attn = Attention(cfg, causal, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
-        self.mlp = SwiGLU(cfg.d_model, ffn_dim_for(cfg), cfg.fused_projections)
+    """Pre-norm block: x + mixer(norm(x)), then + SwiGLU(norm(.)). The mixer (attention, linear attention, ...)
+    takes (x, rope, cache, start) and makes its own decoding cache with new_cache(batch, max_len, device, dtype)."""
 
-    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
-        normed, x = self.post_attention_layernorm(attn_out, residual=x)
+    def __init__(self, args: ModelArgs, mixer: nn.Module):
+        super().__init__()
+        triton_norm = args.rms_norm == "triton"
+        self.input_layernorm = RMSNorm(args.d_model, args.norm_eps, triton_norm)
+        self.self_attn = mixer
+        self.post_attention_layernorm = RMSNorm(args.d_model, args.norm_eps, triton_norm)
+        self.mlp = SwiGLU(args.d_model, args.ffn_dim, args.fused_projections)
+
+    def forward(self, x, rope, cache=None, start: int = 0):
+        mixed = self.self_attn(self.input_layernorm(x), rope, cache, start)
+        normed, x = self.post_attention_layernorm(mixed, residual=x)
         return x + self.mlp(normed)
 
 
+# (args, layer index) -> a block's token mixer
+MixerFactory = Callable[[ModelArgs, int], nn.Module]
+
+
+def attention_mixer(args: ModelArgs, layer: int) -> nn.Module:
+    return Attention(args)
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: Config, causal: bool = True, vocab_size: int | None = None):
+    """Embedding, blocks, final norm, output head: the LanguageModel (phases/__init__.py) of phases 7 and mdm."""
+
+    def __init__(self, args: ModelArgs, mixer: MixerFactory = attention_mixer):
         super().__init__()
-        self.cfg = cfg
-        self.causal = causal
-        self.vocab_size = vocab_size or cfg.vocab_size
-        self.attention_backend = attention_backend(cfg)
-        self.norm_backend = norm_backend(cfg)
-        triton_norm = self.norm_backend == "triton"
-        self.embed_tokens = nn.Embedding(self.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, causal, self.attention_backend, triton_norm)
-                                    for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, triton_norm)
-        self.lm_head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.n_seq, cfg.rope_theta)
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
+        self.layers = nn.ModuleList(Block(args, mixer(args, i)) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.d_model, args.norm_eps, args.rms_norm == "triton")
+        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.gradient_checkpointing = cfg.use_gradient_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self):
         """GPT-2 init: N(0, 0.02), residual projections scaled down by depth."""
-        std = self.cfg.init_std
+        std = self.args.init_std
         for name, p in self.named_parameters():
             if p.ndim == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
             else:
                 nn.init.normal_(p, std=std)
 
-    def hidden_states(self, idx, cache: KVCache | None = None, start: int = 0):
-        """Final-normed hidden states (B, S, d); the objective applies lm_head (possibly fused)."""
+    def hidden_states(self, idx, cache: list | None = None, start: int = 0):
+        """Final-normed hidden states (B, S, d); the objective applies lm_head (possibly fused).
+        cache: new_cache()'s per-layer caches when decoding, with idx at positions start..start+S-1."""
         S = idx.shape[1]
-        if start + S > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + S} tokens exceeds n_seq={self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        if start + S > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start + S} tokens exceeds n_seq={self.args.max_seq_len}")
+        rope = (self.rope_cos[start:start + S], self.rope_sin[start:start + S])
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, i, start)
+            x = layer(x, rope, None if cache is None else cache[i], start)
         return self.norm(x)
 
-    def forward(self, idx, cache: KVCache | None = None, start: int = 0):
+    def forward(self, idx, cache: list | None = None, start: int = 0):
         return self.lm_head(self.hidden_states(idx, cache, start))
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block in place rather than the whole model: the objective calls
-        hidden_states and lm_head directly, checkpointing wraps blocks, and memory mode's per-parameter
-        updates need gradients as each block's backward finishes, not all at the end of one big graph."""
-        for layer in self.layers:
-            layer.compile()
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        attn = self.layers[0].self_attn
+    def new_cache(self, batch: int, max_len: int) -> list:
         p = self.lm_head.weight
-        return KVCache(len(self.layers), batch, max_len, attn.n_kv_heads, attn.head_dim, p.device, p.dtype)
+        return [layer.self_attn.new_cache(batch, max_len, p.device, p.dtype) for layer in self.layers]
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embedding else n
 
     def flops_per_token(self, n_seq: int) -> float:
-        """Training FLOPs per token: 6 N (N without the input embedding) + 12 L d S for attention."""
-        return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * n_seq
+        return dense_flops_per_token(self.num_params(), self.args.n_layers, self.args.d_model, n_seq)
+
+    def describe(self) -> str:
+        return f"attention {self.args.attention} | rms_norm {self.args.rms_norm}"
