@@ -19,7 +19,7 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 
 .PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
-	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling \
+	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints
 
 help: ## list the targets
@@ -106,6 +106,10 @@ sweep: $(ENV) ## grid search: CONFIG=... GRID="learning_rate=1e-4,2e-4 batch_siz
 scaling: $(ENV) ## loss vs FLOPs: PHASE=mdm|phase7 SIZES="6M,170M" BUDGETS="1e18,3e18" [OUT=dir]; both phases: the gap
 	$(PYTHON) -m engine.scaling $(if $(PHASE),--phase $(PHASE)) $(if $(SIZES),--sizes "$(SIZES)") \
 		$(if $(BUDGETS),--budgets "$(BUDGETS)") $(if $(OUT),--out $(OUT)) $(if $(COMPARE),--compare) $(ARGS)
+
+plot: $(ENV) ## training curves as PNGs: RUN=checkpoints/x [RUN2=...] [RUNS="a b c"] [OUT=file.png]; a sweep folder: all its runs
+	@test -n "$(RUN)$(RUNS)" || { echo 'error: RUN=<run or sweep folder> is required, e.g. make plot RUN=checkpoints/phase7_test' >&2; exit 2; }
+	$(PYTHON) -m engine.plot $(RUN) $(RUN2) $(RUNS) $(if $(OUT),--out $(OUT))
 
 chat-phase7-1.5b: $(ENV) ## chat with CHECKPOINT, or the best/final/latest in checkpoints/phase7_1.5b_triton
 	$(PYTHON) -m engine.chat $(or $(CHECKPOINT),checkpoints/phase7_1.5b_triton) $(ARGS)

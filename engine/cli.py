@@ -15,8 +15,9 @@ OOM_HINT = ("CUDA out of memory: set micro_batch_size=auto (or lower batch_size 
 
 def user_errors() -> tuple[type[Exception], ...]:
     from data.loader import DataError
+    from engine.plot import PlotError
     from engine.train import TrainingError
-    return (ConfigError, CheckpointError, DataError, TrainingError)
+    return (ConfigError, CheckpointError, DataError, PlotError, TrainingError)
 
 
 def run_cli(main, argv: list[str]) -> None:

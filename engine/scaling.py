@@ -24,6 +24,7 @@ import torch
 
 from engine.cli import run_cli
 from engine.config import ConfigError, load_config, parse_overrides
+from engine.plot import pyplot
 from engine.sweep import markdown_table, train_run, write_csv
 from phases import get_phase, phase_names
 
@@ -105,13 +106,6 @@ def fit_text(fit) -> str:
         return "no fit: it needs final losses at 2 budgets or more"
     a, b = fit
     return f"log L = {a:.4f} + ({b:.4f}) log C, i.e. L = {math.exp(a):.4g} x C^{b:.4f}"
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only: runs on headless GPU boxes
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def draw_fit(ax, fit, budgets, label, color="k"):

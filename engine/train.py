@@ -20,6 +20,7 @@ from engine.blocks import apply_to_blocks
 from engine.cli import run_cli
 from engine.config import Config, dump_config, load_config
 from engine.optim import build_optimizer, prepare_parameters
+from engine.plot import save_loss_plot
 from phases import get_phase
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12}
@@ -290,6 +291,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or val_loss is not None:
                 elapsed = time.perf_counter() - window_start
                 self.log_step(loss.item(), grad_norm.item(), elapsed, window_tokens, val_loss)
+                if val_loss is not None and self.saving:  # after `elapsed` was taken: not counted in tok/s
+                    save_loss_plot(self.out_dir, self.log)
                 window_start, window_tokens = time.perf_counter(), 0
             if val_loss is not None and val_loss < self.best_val_loss:
                 self.best_val_loss = val_loss
