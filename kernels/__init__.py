@@ -3,6 +3,9 @@
     kernels.flash_attention(q, k, v, causal=True, softmax_scale=None)   Triton, kernels/attention.py
     kernels.rms_norm(x, weight, eps), kernels.rms_norm_residual(...)     Triton, kernels/norm.py
     kernels.linear_cross_entropy(hidden, weight, targets, ...)           PyTorch, kernels/cross_entropy.py
+    from kernels.linear_attention import linear_attention                Triton, kernels/linear_attention.py
+    (imported from its module: a package attribute of that name would be the module once it is imported)
+    kernels.linear_attention_reference, _chunked_torch, _step            PyTorch, kernels/linear_attention_torch.py
 
 Names are loaded on first use: importing the package never imports triton, so the pure-PyTorch pieces work
 where Triton is not installed, and tests can switch Triton's interpreter on before any kernel is defined.
@@ -15,6 +18,8 @@ _MODULE_OF = {
     "rms_norm": "norm", "rms_norm_residual": "norm", "rms_norm_reference": "norm",
     "rms_norm_residual_reference": "norm",
     "linear_cross_entropy": "cross_entropy", "linear_cross_entropy_reference": "cross_entropy",
+    "linear_attention_reference": "linear_attention_torch", "linear_attention_chunked_torch": "linear_attention_torch",
+    "linear_attention_step": "linear_attention_torch",
 }
 
 

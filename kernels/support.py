@@ -9,6 +9,7 @@ import os
 import torch
 
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # what kernels/attention.py compiles for
+LINEAR_ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # key and value dims kernels/linear_attention.py compiles for
 
 
 def interpreter_requested() -> bool:
