@@ -39,7 +39,11 @@ def _configs(gpu, interpreted):
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)], (32, 16, 4, 1))
 DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
 DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)], (32, 16, 4, 1))
-TUNE_KEY = ["N_CTX_Q", "N_CTX_K", "HEAD_DIM", "CAUSAL"]  # Triton adds the tensors' dtypes
+# Tuned per power-of-two bucket of the lengths, not per exact length, so a chat prompt of a new length reuses
+# its bucket's choice instead of re-tuning; the kernels take the exact lengths for masking. The *_BUCKET
+# arguments exist for the autotuner only. Triton adds the tensors' dtypes to the key.
+TUNE_KEY = ["N_CTX_Q_BUCKET", "N_CTX_K_BUCKET", "HEAD_DIM", "CAUSAL"]
+LONGEST_BUCKET = 16384  # longer sequences tune as this one: the choice no longer changes with length
 DELTA_BLOCK = 64
 
 
@@ -79,7 +83,8 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows
 def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-              H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: start them first so the tail of the grid is short
@@ -179,7 +184,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                   H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -253,7 +259,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                  stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                  stride_dqb, stride_dqs, stride_dqh,
-                 H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in forward
@@ -296,6 +303,16 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def tuning_bucket(n):
+    """The autotune key for a length n: the next power of two, capped at LONGEST_BUCKET."""
+    return min(triton.next_power_of_2(n), LONGEST_BUCKET)
+
+
+def _lengths(n_q, n_k):
+    """The kernels' length arguments: exact lengths for masking, then their tuning buckets."""
+    return n_q, n_k, tuning_bucket(n_q), tuning_bucket(n_k)
+
+
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -328,7 +345,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(o), H, n_q, n_k, HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+                    *_strides(o), H, *_lengths(n_q, n_k), HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
     return o, lse
 
 
@@ -353,10 +370,10 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
     grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
     _attn_bwd_dkdv[grid_k](q, k, v, do, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(do), *_strides(dk), *_strides(dv), H, n_q, n_k, **flags)
+                           *_strides(do), *_strides(dk), *_strides(dv), H, *_lengths(n_q, n_k), **flags)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                         *_strides(do), *_strides(dq), H, n_q, n_k, **flags)
+                         *_strides(do), *_strides(dq), H, *_lengths(n_q, n_k), **flags)
     return dq, dk, dv
 
 

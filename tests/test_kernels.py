@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 
+from kernels import attention  # noqa: E402
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
 from kernels.attention import INTERPRETED, attention_reference, flash_attention, runs_here  # noqa: E402
 from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
@@ -85,6 +87,20 @@ def test_attention_on_strided_views_with_a_custom_scale():
     gold.backward(do.double())
     torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(qkv.grad.double(), gold_qkv.grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_autotuning_is_keyed_on_length_buckets_so_a_new_length_reuses_its_buckets_choice(monkeypatch):
+    """Chat prompts come in every length: only a new power-of-two bucket may tune again."""
+    assert [attention.tuning_bucket(n) for n in (1, 130, 256, 257, 10**6)] == [1, 256, 256, 512, 16384]
+    blocks = attention._attn_fwd.configs[0].kwargs
+    fwd = triton.autotune([triton.Config(blocks, num_warps=w) for w in (4, 8)], key=attention.TUNE_KEY,
+                          do_bench=lambda fn, quantiles: [1.0] * 3)(attention._attn_fwd.fn)
+    monkeypatch.setattr(attention, "_attn_fwd", fwd)
+    q = torch.randn(1, 70, 1, 16, device=DEVICE)
+    for seq in (33, 50, 64, 65, 70):
+        flash_attention(q[:, :seq], q[:, :seq], q[:, :seq])
+    assert len(fwd.cache) == 2
 
 
 def test_attention_rejects_what_it_does_not_support():
