@@ -3,8 +3,11 @@
 Forward: a program owns BLOCK_M queries of one (batch, head) and streams the keys in blocks of BLOCK_N with an
 online softmax (running max and sum), so the seq x seq scores never exist in memory. It saves each query row's
 log-sum-exp, from which backward rebuilds the probabilities block by block.
-Backward is three kernels and no atomics, so gradients are deterministic: delta = rowsum(dO * O); a kernel that
-owns a block of keys and walks the queries (dK, dV); a kernel that owns a block of queries and walks the keys (dQ).
+Backward is FlashAttention-2's: delta = rowsum(dO * O), then one kernel per block of keys that walks the queries,
+keeps dK and dV in registers and adds its share of dQ into an fp32 buffer with atomics: 5 matmuls and one exp per
+pair of blocks. Atomics add in whatever order the blocks finish, so dQ's last bits vary from run to run;
+deterministic=True runs that kernel without dQ, then a kernel that owns a block of queries and walks the keys
+(dQ): 7 matmuls and two exps per pair, no atomics.
 Scores are kept in base 2 (log2(e) is folded into the softmax scale), so the kernels exponentiate with exp2.
 
 Causal attention skips the key blocks above the diagonal and masks only blocks on the diagonal or at a ragged end;
@@ -34,11 +37,15 @@ def _configs(gpu, interpreted):
 
 
 # Hopper: 128-query blocks and 8 warps (two warpgroups) with a 3-stage load pipeline. Compiled for sm_90 with
-# Triton 3.9, none of these spills registers at head_dim 128 (dK/dV's 64-row block spills 16 bytes: kept for 64).
-# Forward and dQ need BLOCK_N to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse.
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)], (32, 16, 4, 1))
-DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)], (32, 16, 4, 1))
+# Triton 3.9, none of the first three forward, dK/dV and dQ choices spills registers at head_dim 128 (dK/dV's
+# 64-row block spills 16 bytes: kept for 64). Forward and dQ need BLOCK_N to divide BLOCK_M (the diagonal is whole
+# key blocks); dK/dV the reverse. The tests run each kernel with these block shapes in the interpreter too.
+FWD_GPU = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3)]
+DKDV_GPU = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]
+DQ_GPU = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+FWD_CONFIGS = _configs(FWD_GPU, (32, 16, 4, 1))
+DKDV_CONFIGS = _configs(DKDV_GPU, (16, 32, 4, 1))
+DQ_CONFIGS = _configs(DQ_GPU, (32, 16, 4, 1))
 # Tuned per power-of-two bucket of the lengths, not per exact length, so a chat prompt of a new length reuses
 # its bucket's choice instead of re-tuning; the kernels take the exact lengths for masking. The *_BUCKET
 # arguments exist for the autotuner only. Triton adds the tensors' dtypes to the key.
@@ -145,10 +152,11 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, s
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m, offs_d,
-                       lo, hi, N_CTX_Q, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Accumulate one key block's dK, dV over the query blocks in [lo, hi), working on transposed scores."""
+def _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale, sm_scale,
+                       cols, offs_m, offs_d, lo, hi, N_CTX_Q, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate one key block's dK, dV over the query blocks in [lo, hi), working on transposed scores; with
+    DQ_ATOMIC also add this key block's share of each query block's dQ to DQ (fp32)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
@@ -173,24 +181,36 @@ def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, q
             p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if DQ_ATOMIC:  # the fifth matmul: other key blocks add their shares to the same rows
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
+            dq_ptrs = DQ + rows[:, None] * stride_dqs + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
+# DQ_ATOMIC changes the work per block, so each mode tunes its own config; DQ accumulates across the benchmark
+# runs, hence zeroed before each.
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_dqb, stride_dqs, stride_dqh,
                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                    H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block; with DQ_ATOMIC the whole backward (FlashAttention-2's: 5 matmuls, one exp)."""
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
     LSE += bh.to(tl.int64) * N_CTX_Q
     DELTA += bh.to(tl.int64) * N_CTX_Q
 
@@ -206,19 +226,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     if CAUSAL:  # queries before this key block do not see it; the diagonal block is masked, later ones are not
         diagonal = tl.program_id(0) * BLOCK_N
         below = diagonal + BLOCK_N
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, diagonal, tl.minimum(below, N_CTX_Q), N_CTX_Q,
-                                    True, CAUSAL, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, below, whole, N_CTX_Q, False, CAUSAL, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, tl.maximum(whole, below), N_CTX_Q, N_CTX_Q,
-                                    True, CAUSAL, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, diagonal, tl.minimum(below, N_CTX_Q), N_CTX_Q,
+                                    True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, below, whole, N_CTX_Q,
+                                    False, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, tl.maximum(whole, below), N_CTX_Q, N_CTX_Q,
+                                    True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
     else:
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, 0, whole, N_CTX_Q, False, CAUSAL, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, whole, N_CTX_Q, N_CTX_Q, True, CAUSAL, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, 0, whole, N_CTX_Q,
+                                    False, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, whole, N_CTX_Q, N_CTX_Q,
+                                    True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
@@ -260,7 +283,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                  stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                  stride_dqb, stride_dqs, stride_dqh,
                  H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in forward
@@ -335,9 +358,10 @@ def _check_inputs(q, k, v, causal):
 
 
 @torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward.
+    deterministic is for backward only; it rides along here so that autograd has it."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
     B, n_q, H, D = q.shape
     n_k = k.shape[1]
@@ -350,14 +374,18 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
 
 @_forward.register_fake
-def _(q, k, v, causal, softmax_scale):
+def _(q, k, v, causal, softmax_scale, deterministic):
     B, n_q, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
 def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              lse: torch.Tensor, causal: bool, softmax_scale: float,
+              deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv). By default one kernel per key block does it all, adding dQ into an fp32 buffer with atomics
+    (summed in whatever order blocks finish); deterministic gives dQ its own kernel instead: two more matmuls
+    and a second exp per block, the same bits every run."""
     do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
     lse = lse.contiguous()  # indexed as (batch * heads, n_q)
     B, n_q, H, D = q.shape
@@ -365,12 +393,19 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
                                                             HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    if deterministic:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     scales = (softmax_scale * LOG2E, softmax_scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
     grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _attn_bwd_dkdv[grid_k](q, k, v, do, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(do), *_strides(dk), *_strides(dv), H, *_lengths(n_q, n_k), **flags)
+    _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
+                           *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), H, *_lengths(n_q, n_k),
+                           DQ_ATOMIC=not deterministic, **flags)
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
                          *_strides(do), *_strides(dq), H, *_lengths(n_q, n_k), **flags)
@@ -378,27 +413,28 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 @_backward.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale):
+def _(do, q, k, v, o, lse, causal, softmax_scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.softmax_scale = inputs
+    q, k, v, ctx.causal, ctx.softmax_scale, ctx.deterministic = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _gradients(ctx, do, _lse_grad):
     q, k, v, o, lse = ctx.saved_tensors
-    return *_backward(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale), None, None
+    return *_backward(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.deterministic), None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
     """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q, k, v (batch, seq, heads, head_dim).
 
     fp16/bf16/fp32, head_dim in HEAD_DIMS, any sequence length; q, k, v on CUDA (or CPU under TRITON_INTERPRET=1).
+    deterministic=True makes the gradients bitwise reproducible, at the cost of a slower backward (no atomics).
     Forward and backward are torch.library custom ops, so torch.compile keeps a block that calls this in one
     graph and runs the kernels as they are, never tracing into them.
     """
@@ -411,7 +447,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _forward(q, k, v, causal, scale)[0]
+    return _forward(q, k, v, causal, scale, deterministic)[0]
 
 
 def attention_reference(q, k, v, causal=True, softmax_scale=None):

@@ -5,6 +5,7 @@ SDPA's error plus a small floor, which holds in bf16 as in fp32. On CUDA the sha
 CUDA the kernel runs in Triton's interpreter on tiny shapes. Exits 1 on a mismatch.
 """
 
+import functools
 import os
 import sys
 import time
@@ -45,10 +46,11 @@ def max_errors(fn, q, k, v, do, causal, dtype, gold):
     return [(a - b).abs().max().item() for a, b in zip(output_and_grads(fn, q, k, v, do, causal, dtype), gold)]
 
 
-def compare(q, k, v, do, causal, dtype):
+def compare(q, k, v, do, causal, dtype, deterministic=False):
     """(ours, SDPA's) max errors against the float64 reference for out, dq, dk, dv, and whether ours pass."""
     gold = output_and_grads(attention_reference, q, k, v, do, causal, torch.float64)
-    ours = max_errors(flash_attention, q, k, v, do, causal, dtype, gold)
+    ours = max_errors(functools.partial(flash_attention, deterministic=deterministic), q, k, v, do, causal, dtype,
+                      gold)
     peer = max_errors(sdpa, q, k, v, do, causal, dtype, gold)
     ok = all(o <= 2 * p + ERROR_FLOOR[dtype] for o, p in zip(ours, peer))
     return ours, peer, ok

@@ -40,9 +40,9 @@ def skip_bf16_attention_in_interpreter(dtype):
         pytest.skip("Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)")
 
 
-def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None):
+def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None, deterministic=False):
     q, k, v, do = random_inputs(batch, n_q, heads, head_dim, dtype, DEVICE, n_k=n_k)
-    ours, peer, ok = compare(q, k, v, do, causal, dtype)
+    ours, peer, ok = compare(q, k, v, do, causal, dtype, deterministic)
     assert ok, f"max errors out, dq, dk, dv: ours {ours}, SDPA {peer} (allowed: 2x SDPA + {ERROR_FLOOR[dtype]})"
 
 
@@ -53,6 +53,35 @@ def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=Non
 @pytest.mark.parametrize("seq", [1, 17, 130])
 def test_attention_float32_matches_float64_reference(seq, causal):
     assert_attention_matches(2, seq, 2, 32, torch.float32, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq", [17, 130])
+def test_deterministic_backward_matches_float64_reference(seq, causal):
+    assert_attention_matches(2, seq, 2, 32, torch.float32, causal, deterministic=True)
+
+
+def use_gpu_block_shapes(monkeypatch, ratio):
+    """Run each kernel with the first of its GPU configs whose wide block is ratio times its narrow one: the
+    interpreter's own config is small, and the diagonal and ragged-end logic depends on the block shapes."""
+    for name, choices, wide_over_narrow in [("_attn_fwd", attention.FWD_GPU, lambda m, n: m / n),
+                                            ("_attn_bwd_dkdv", attention.DKDV_GPU, lambda m, n: n / m),
+                                            ("_attn_bwd_dq", attention.DQ_GPU, lambda m, n: m / n)]:
+        m, n = next((m, n) for m, n, _, _ in choices if wide_over_narrow(m, n) == ratio)
+        kernel = getattr(attention, name)
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n})
+        monkeypatch.setattr(attention, name, triton.autotune([config], key=attention.TUNE_KEY)(kernel.fn))
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_attention_with_the_gpu_block_shapes(monkeypatch, ratio, causal, deterministic):
+    """260 = 2 x 128 + 4: whole blocks, the diagonal and a ragged end for every GPU block size."""
+    use_gpu_block_shapes(monkeypatch, ratio)
+    assert_attention_matches(1, 260, 2, 16, torch.float32, causal, deterministic=deterministic)
 
 
 @needs_triton
@@ -230,11 +259,12 @@ def test_custom_ops_pass_torch_library_opcheck():
     """Schema, fake (meta) versions and autograd registration agree with the real kernels."""
     q, k, v, _ = (t.float() for t in random_inputs(1, 9, 2, 16, torch.float32, DEVICE))
     x, weight, residual, dy, _ = (t.float() for t in norm_inputs((3, 24), torch.float32))
-    o, lse = torch.ops.kernels.flash_attention_forward(q, k, v, True, 0.25)
+    o, lse = torch.ops.kernels.flash_attention_forward(q, k, v, True, 0.25, False)
     rstd = torch.ops.kernels.rms_norm_forward(x, weight, 1e-6)[1]
     cases = [
-        (torch.ops.kernels.flash_attention_forward, (q.requires_grad_(), k, v, True, 0.25)),
-        (torch.ops.kernels.flash_attention_backward, (torch.randn_like(o), q.detach(), k, v, o, lse, True, 0.25)),
+        (torch.ops.kernels.flash_attention_forward, (q.requires_grad_(), k, v, True, 0.25, False)),
+        *((torch.ops.kernels.flash_attention_backward, (torch.randn_like(o), q.detach(), k, v, o, lse, True, 0.25,
+                                                        deterministic)) for deterministic in (False, True)),
         (torch.ops.kernels.rms_norm_forward, (x.requires_grad_(), weight, 1e-6)),
         (torch.ops.kernels.rms_norm_residual_forward, (x, residual, weight.requires_grad_(), 1e-6)),
         (torch.ops.kernels.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, None)),
@@ -257,11 +287,12 @@ def test_gpu_attention_bf16_at_training_sizes(seq, head_dim, causal):
 @pytest.mark.gpu
 def test_gpu_attention_ragged_fp16_and_deterministic_backward():
     assert_attention_matches(2, 1000, 4, 128, torch.float16, True)
+    assert_attention_matches(2, 1000, 4, 128, torch.float16, True, deterministic=True)
     q, k, v, do = (t.half() for t in random_inputs(2, 1000, 4, 128, torch.float16, DEVICE))
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        flash_attention(*leaves, causal=True).backward(do)
+        flash_attention(*leaves, causal=True, deterministic=True).backward(do)
         grads.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
