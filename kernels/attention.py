@@ -10,6 +10,9 @@ deterministic=True runs that kernel without dQ, then a kernel that owns a block 
 (dQ): 7 matmuls and two exps per pair, no atomics.
 Scores are kept in base 2 (log2(e) is folded into the softmax scale), so the kernels exponentiate with exp2.
 
+Grouped-query attention runs without copying k and v: query head h reads kv head h // (heads // kv_heads), and
+the key-block kernel sums dK, dV over the query heads of its group.
+
 Causal attention skips the key blocks above the diagonal and masks only blocks on the diagonal or at a ragged end;
 all others run without masks. Causal needs as many keys as queries (flash_attn aligns unequal lengths
 bottom-right; nothing here needs that).
@@ -90,7 +93,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows
 def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-              H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+              H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
@@ -99,8 +102,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + h // GROUP * stride_kh
+    V += b * stride_vb + h // GROUP * stride_vh
     O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * N_CTX_Q
 
@@ -193,41 +196,16 @@ def _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_do
     return dk, dv
 
 
-# DQ_ATOMIC changes the work per block, so each mode tunes its own config; DQ accumulates across the benchmark
-# runs, hence zeroed before each.
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, qk_scale, sm_scale,
-                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                   stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                   stride_dqb, stride_dqs, stride_dqh,
-                   stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                   H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block; with DQ_ATOMIC the whole backward (FlashAttention-2's: 5 matmuls, one exp)."""
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
-    DQ += b * stride_dqb + h * stride_dqh
-    LSE += bh.to(tl.int64) * N_CTX_Q
-    DELTA += bh.to(tl.int64) * N_CTX_Q
-
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = (cols < N_CTX_K)[:, None]
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+def _dkdv_head(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale, sm_scale, cols,
+               offs_m, offs_d, start_n, N_CTX_Q, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's share of a key block's dK, dV (and that head's dQ), Q..DELTA already at the head."""
     whole = N_CTX_Q // BLOCK_M * BLOCK_M
     if CAUSAL:  # queries before this key block do not see it; the diagonal block is masked, later ones are not
-        diagonal = tl.program_id(0) * BLOCK_N
-        below = diagonal + BLOCK_N
+        below = start_n + BLOCK_N
         dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
-                                    sm_scale, cols, offs_m, offs_d, diagonal, tl.minimum(below, N_CTX_Q), N_CTX_Q,
+                                    sm_scale, cols, offs_m, offs_d, start_n, tl.minimum(below, N_CTX_Q), N_CTX_Q,
                                     True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
         dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
                                     sm_scale, cols, offs_m, offs_d, below, whole, N_CTX_Q,
@@ -242,8 +220,45 @@ def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, qk_scale, sm_scale,
         dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
                                     sm_scale, cols, offs_m, offs_d, whole, N_CTX_Q, N_CTX_Q,
                                     True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+    return dk, dv
+
+
+# DQ_ATOMIC changes the work per block, so each mode tunes its own config; DQ accumulates across the benchmark
+# runs, hence zeroed before each.
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ"])
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_dqb, stride_dqs, stride_dqh,
+                   stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                   H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one kv head, summed over the GROUP query heads that share it (in order, so
+    deterministic); with DQ_ATOMIC the whole backward (FlashAttention-2's: 5 matmuls, one exp)."""
+    bh_kv = tl.program_id(1)
+    b, h_kv = (bh_kv // (H // GROUP)).to(tl.int64), (bh_kv % (H // GROUP)).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = (cols < N_CTX_K)[:, None]
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        rows_at = (b * H + h) * N_CTX_Q  # this head's log-sum-exp and delta
+        dk, dv = _dkdv_head(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                            DQ + b * stride_dqb + h * stride_dqh, LSE + rows_at, DELTA + rows_at, stride_qs,
+                            stride_dos, stride_dqs, qk_scale, sm_scale, cols, offs_m, offs_d, start_n, N_CTX_Q,
+                            CAUSAL, DQ_ATOMIC, BLOCK_M, BLOCK_N, PRECISION)
+    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
 
@@ -282,7 +297,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                  stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                  stride_dqb, stride_dqs, stride_dqh,
-                 H, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+                 H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
@@ -290,8 +305,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
         start_m = tl.num_programs(0) - 1 - start_m
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + h // GROUP * stride_kh
+    V += b * stride_vb + h // GROUP * stride_vh
 
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -348,9 +363,9 @@ def _precision(dtype):
 def _check_inputs(q, k, v, causal):
     if not (q.dim() == k.dim() == v.dim() == 4):
         raise ValueError(f"q, k, v must be (batch, seq, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} do not match "
-                         "(k and v must have q's batch, heads and head_dim; repeat grouped kv heads first)")
+                         "(k and v must have q's batch and head_dim, and a number of heads that divides q's)")
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many keys as queries; got {q.shape[1]} and {k.shape[1]}")
     if q.shape[1] == 0 or k.shape[1] == 0:
@@ -369,7 +384,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, so
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(o), H, *_lengths(n_q, n_k), HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+                    *_strides(o), H, H // k.shape[2], *_lengths(n_q, n_k), HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
     return o, lse
 
 
@@ -400,15 +415,16 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     scales = (softmax_scale * LOG2E, softmax_scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
-    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
+    heads = (H, H // k.shape[2])  # query heads, and how many share each kv head
+    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * k.shape[2])  # noqa: E731
     _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), H, *_lengths(n_q, n_k),
+                           *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), *heads, *_lengths(n_q, n_k),
                            DQ_ATOMIC=not deterministic, **flags)
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                         *_strides(do), *_strides(dq), H, *_lengths(n_q, n_k), **flags)
+                         *_strides(do), *_strides(dq), *heads, *_lengths(n_q, n_k), **flags)
     return dq, dk, dv
 
 
@@ -431,7 +447,9 @@ _forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
-    """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q, k, v (batch, seq, heads, head_dim).
+    """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q (batch, seq, heads, head_dim), k and v
+    (batch, seq_k, kv_heads, head_dim). Grouped-query attention without copies: kv_heads divides heads, and query
+    head h attends with kv head h // (heads // kv_heads).
 
     fp16/bf16/fp32, head_dim in HEAD_DIMS, any sequence length; q, k, v on CUDA (or CPU under TRITON_INTERPRET=1).
     deterministic=True makes the gradients bitwise reproducible, at the cost of a slower backward (no atomics).
@@ -455,6 +473,8 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None):
     _check_inputs(q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     compute = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     q_, k_, v_ = (t.transpose(1, 2).to(compute) for t in (q, k, v))
     scores = (q_ @ k_.transpose(-2, -1)) * scale
     if causal:

@@ -40,8 +40,9 @@ def skip_bf16_attention_in_interpreter(dtype):
         pytest.skip("Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)")
 
 
-def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None, deterministic=False):
-    q, k, v, do = random_inputs(batch, n_q, heads, head_dim, dtype, DEVICE, n_k=n_k)
+def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None, deterministic=False,
+                             kv_heads=None):
+    q, k, v, do = random_inputs(batch, n_q, heads, head_dim, dtype, DEVICE, n_k=n_k, kv_heads=kv_heads)
     ours, peer, ok = compare(q, k, v, do, causal, dtype, deterministic)
     assert ok, f"max errors out, dq, dk, dv: ours {ours}, SDPA {peer} (allowed: 2x SDPA + {ERROR_FLOOR[dtype]})"
 
@@ -99,6 +100,19 @@ def test_attention_other_head_dims(head_dim, seq, causal):
 
 
 @needs_triton
+@pytest.mark.parametrize("kv_heads,causal,deterministic", [(1, True, False), (2, False, False), (2, True, True)])
+def test_grouped_query_attention_without_repeating_kv_heads(kv_heads, causal, deterministic):
+    """4 query heads on 1 or 2 kv heads: dK and dV sum over each kv head's group."""
+    assert_attention_matches(2, 67, 4, 16, torch.float32, causal, deterministic=deterministic, kv_heads=kv_heads)
+
+
+@needs_triton
+def test_grouped_query_attention_with_the_gpu_block_shapes(monkeypatch):
+    use_gpu_block_shapes(monkeypatch, 4)
+    assert_attention_matches(1, 260, 4, 16, torch.float32, True, kv_heads=2)
+
+
+@needs_triton
 def test_bidirectional_attention_with_more_keys_than_queries():
     assert_attention_matches(2, 17, 2, 16, torch.float32, False, n_k=70)
 
@@ -140,8 +154,8 @@ def test_attention_rejects_what_it_does_not_support():
         flash_attention(*(torch.zeros(1, 8, 2, 24, device=DEVICE),) * 3)
     with pytest.raises(ValueError, match="dtype"):
         flash_attention(q.double(), q.double(), q.double())
-    with pytest.raises(ValueError, match="repeat grouped kv heads"):
-        flash_attention(q, q[:, :, :1], q[:, :, :1])
+    with pytest.raises(ValueError, match="divides q's"):
+        flash_attention(torch.zeros(1, 8, 3, 16, device=DEVICE), q, q)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------------------
@@ -295,6 +309,12 @@ def test_gpu_attention_ragged_fp16_and_deterministic_backward():
         flash_attention(*leaves, causal=True, deterministic=True).backward(do)
         grads.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_grouped_query_attention_at_training_sizes(deterministic):
+    assert_attention_matches(2, 2048, 16, 128, torch.bfloat16, True, deterministic=deterministic, kv_heads=4)
 
 
 @pytest.mark.gpu
