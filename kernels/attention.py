@@ -39,21 +39,73 @@ def _configs(gpu, interpreted):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
 
 
-# Hopper: 128-query blocks and 8 warps (two warpgroups) with a 3-stage load pipeline. Compiled for sm_90 with
-# Triton 3.9, none of the first three forward, dK/dV and dQ choices spills registers at head_dim 128 (dK/dV's
-# 64-row block spills 16 bytes: kept for 64). Forward and dQ need BLOCK_N to divide BLOCK_M (the diagonal is whole
-# key blocks); dK/dV the reverse. The tests run each kernel with these block shapes in the interpreter too.
-FWD_GPU = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3)]
-DKDV_GPU = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)]
-DQ_GPU = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+# Hopper: mostly 128-query blocks and 8 warps (two warpgroups) with 2-4 stage load pipelines; the autotuner first
+# drops what would not fit in shared memory or would leave SMs idle (autotune_candidates). Compiled for sm_90 with
+# Triton 3.9, (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4) forward, (32, 128, 8, 3), (64, 128, 8, 3) dK/dV
+# and (128, 64, 8, 3), (128, 32, 8, 3) dQ do not spill registers at head_dim 128 in the deterministic path
+# (dK/dV's (64, 64, 8, 3) spills 16 bytes: kept for 64); the others are unmeasured. Forward and dQ need BLOCK_N
+# to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse. The tests run each kernel with these
+# block shapes in the interpreter too.
+FWD_GPU = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4),
+           (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
+DKDV_GPU = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 8, 3), (64, 64, 4, 3),
+            (32, 64, 4, 3), (16, 64, 4, 4)]
+DQ_GPU = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3)]
 FWD_CONFIGS = _configs(FWD_GPU, (32, 16, 4, 1))
 DKDV_CONFIGS = _configs(DKDV_GPU, (16, 32, 4, 1))
 DQ_CONFIGS = _configs(DQ_GPU, (32, 16, 4, 1))
-# Tuned per power-of-two bucket of the lengths, not per exact length, so a chat prompt of a new length reuses
-# its bucket's choice instead of re-tuning; the kernels take the exact lengths for masking. The *_BUCKET
-# arguments exist for the autotuner only. Triton adds the tensors' dtypes to the key.
-TUNE_KEY = ["N_CTX_Q_BUCKET", "N_CTX_K_BUCKET", "HEAD_DIM", "CAUSAL"]
+# Tuned per power-of-two bucket of the lengths and of the grid's batch x heads, not per exact size, so a chat
+# prompt of a new length reuses its bucket's choice instead of re-tuning; the kernels take the exact lengths for
+# masking. The *_BUCKET arguments exist for the autotuner only. Triton adds the tensors' dtypes to the key.
+TUNE_KEY = ["N_CTX_Q_BUCKET", "N_CTX_K_BUCKET", "BATCH_HEADS_BUCKET", "HEAD_DIM", "CAUSAL"]
 LONGEST_BUCKET = 16384  # longer sequences tune as this one: the choice no longer changes with length
+PROGRAMS_PER_SM = 2  # fewer programs than this per SM leave SMs idle while the last ones run (small-grid rule)
+
+
+def shared_memory_bytes(kernel, config, head_dim, element_size):
+    """Estimated shared memory of one program of kernel ("fwd", "dkdv" or "dq"): the tiles it keeps, num_stages
+    copies of the tiles it streams (the load pipeline's buffers), and the probability tile a matmul takes
+    transposed. An estimate: what does not fit fails to compile and the autotuner skips it anyway, slowly."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    if kernel == "fwd":  # q kept; k, v streamed
+        elements = head_dim * (m + 2 * stages * n)
+    elif kernel == "dkdv":  # k, v kept; q, dO streamed; dS^T for dQ
+        elements = head_dim * (2 * n + 2 * stages * m) + m * n
+    else:  # dq: q, dO kept; k, v streamed; dS
+        elements = head_dim * (2 * m + 2 * stages * n) + m * n
+    return elements * element_size
+
+
+def programs(kernel, config, batch_heads, seq):
+    """How many programs kernel launches: forward and dQ split the queries into BLOCK_M, dK/dV the keys into
+    BLOCK_N, for each of batch_heads (batch x kv heads for dK/dV)."""
+    return batch_heads * triton.cdiv(seq, config.kwargs["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"])
+
+
+def autotune_candidates(kernel, configs, head_dim, element_size, batch_heads, seq, shared_memory, sm_count):
+    """The configs worth benchmarking on a device with shared_memory bytes per program and sm_count SMs: those
+    whose estimate fits (else the smallest); of those, the ones that launch PROGRAMS_PER_SM programs per SM,
+    or, where none does (one sequence of a few heads), those that launch the most, i.e. the smallest blocks."""
+    fits = [c for c in configs if shared_memory_bytes(kernel, c, head_dim, element_size) <= shared_memory]
+    fits = fits or [min(configs, key=lambda c: shared_memory_bytes(kernel, c, head_dim, element_size))]
+    counts = {c: programs(kernel, c, batch_heads, seq) for c in fits}
+    busy = [c for c in fits if counts[c] >= PROGRAMS_PER_SM * sm_count]
+    return busy or [c for c in fits if counts[c] == max(counts.values())]
+
+
+def _prune(kernel):
+    """autotune's early_config_prune for kernel: autotune_candidates for this call's device and tuning buckets
+    (not its exact sizes, so that the choice is a function of the key)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        device = torch.cuda.get_device_properties(args["Q"].device)
+        seq = args["N_CTX_K_BUCKET" if kernel == "dkdv" else "N_CTX_Q_BUCKET"]
+        return autotune_candidates(kernel, configs, args["HEAD_DIM"], args["Q"].element_size(),
+                                   args["BATCH_HEADS_BUCKET"], seq, device.shared_memory_per_block_optin,
+                                   device.multi_processor_count)
+    return prune
+
+
 DELTA_BLOCK = 64
 
 
@@ -88,12 +140,12 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-              H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+              H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
@@ -225,14 +277,15 @@ def _dkdv_head(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, strid
 
 # DQ_ATOMIC changes the work per block, so each mode tunes its own config; DQ accumulates across the benchmark
 # runs, hence zeroed before each.
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ"])
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ"],
+                 prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                    stride_dqb, stride_dqs, stride_dqh,
                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                   H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+                   H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one kv head, summed over the GROUP query heads that share it (in order, so
@@ -291,13 +344,13 @@ def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, 
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                  stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                  stride_dqb, stride_dqs, stride_dqh,
-                 H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET,
+                 H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
@@ -342,13 +395,14 @@ def _strides(t):
 
 
 def tuning_bucket(n):
-    """The autotune key for a length n: the next power of two, capped at LONGEST_BUCKET."""
+    """The autotune key for a size n: the next power of two, capped at LONGEST_BUCKET."""
     return min(triton.next_power_of_2(n), LONGEST_BUCKET)
 
 
-def _lengths(n_q, n_k):
-    """The kernels' length arguments: exact lengths for masking, then their tuning buckets."""
-    return n_q, n_k, tuning_bucket(n_q), tuning_bucket(n_k)
+def _sizes(n_q, n_k, batch_heads):
+    """The kernels' size arguments: the exact lengths for masking, then the tuning buckets of those and of the
+    grid's batch x heads."""
+    return n_q, n_k, tuning_bucket(n_q), tuning_bucket(n_k), tuning_bucket(batch_heads)
 
 
 def _unit_last_stride(t):
@@ -384,7 +438,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, so
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(o), H, H // k.shape[2], *_lengths(n_q, n_k), HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+                    *_strides(o), H, H // k.shape[2], *_sizes(n_q, n_k, B * H),
+                    HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
     return o, lse
 
 
@@ -415,16 +470,17 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     scales = (softmax_scale * LOG2E, softmax_scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
-    heads = (H, H // k.shape[2])  # query heads, and how many share each kv head
-    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * k.shape[2])  # noqa: E731
+    H_kv = k.shape[2]
+    heads = (H, H // H_kv)  # query heads, and how many share each kv head
+    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
     _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), *heads, *_lengths(n_q, n_k),
-                           DQ_ATOMIC=not deterministic, **flags)
+                           *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), *heads,
+                           *_sizes(n_q, n_k, B * H_kv), DQ_ATOMIC=not deterministic, **flags)
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                         *_strides(do), *_strides(dq), *heads, *_lengths(n_q, n_k), **flags)
+                         *_strides(do), *_strides(dq), *heads, *_sizes(n_q, n_k, B * H), **flags)
     return dq, dk, dv
 
 

@@ -146,6 +146,43 @@ def test_autotuning_is_keyed_on_length_buckets_so_a_new_length_reuses_its_bucket
     assert len(fwd.cache) == 2
 
 
+# H100 SXM: what torch reports as shared_memory_per_block_optin and multi_processor_count.
+H100 = dict(shared_memory=232448, sm_count=132)
+
+
+def gpu_configs(choices):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
+
+
+def blocks(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in configs}
+
+
+@pytest.mark.parametrize("kernel,measured", [("fwd", [(128, 128, 8, 3), (128, 64, 8, 4)]),
+                                             ("dkdv", [(64, 128, 8, 3), (32, 128, 8, 3)]),
+                                             ("dq", [(128, 64, 8, 3), (128, 32, 8, 3)])])
+def test_shared_memory_estimate_admits_the_configs_that_compiled_and_drops_what_cannot_fit(kernel, measured):
+    """The measured ones compiled for sm_90 at head_dim 128 in bf16; in fp32 every tile doubles."""
+    choices = {"fwd": attention.FWD_GPU, "dkdv": attention.DKDV_GPU, "dq": attention.DQ_GPU}[kernel]
+    for config in gpu_configs(measured):
+        assert attention.shared_memory_bytes(kernel, config, 128, 2) <= H100["shared_memory"]
+    wide = attention.autotune_candidates(kernel, gpu_configs(choices), 128, 2, 256, 4096, **H100)
+    narrow = attention.autotune_candidates(kernel, gpu_configs(choices), 128, 4, 256, 4096, **H100)
+    assert blocks(narrow) < blocks(wide)
+    assert all(attention.shared_memory_bytes(kernel, c, 128, 4) <= H100["shared_memory"] for c in narrow)
+    smallest = attention.autotune_candidates(kernel, gpu_configs(choices), 128, 2, 256, 4096, 1, 132)
+    assert len(smallest) == 1  # nothing fits: the smallest is kept, to fail or not when it compiles
+
+
+def test_small_grids_prefer_smaller_blocks_so_every_sm_gets_work():
+    """One 1k sequence of 16 heads: 128-query blocks make 128 programs for 132 SMs, 64-query ones 256."""
+    fwd = gpu_configs(attention.FWD_GPU)
+    assert {m for m, _, _ in blocks(attention.autotune_candidates("fwd", fwd, 128, 2, 16, 1024, **H100))} == {64}
+    assert {m for m, _, _ in blocks(attention.autotune_candidates("fwd", fwd, 128, 2, 256, 1024, **H100))} == {64, 128}
+    dkdv = gpu_configs(attention.DKDV_GPU)  # splits the keys: BLOCK_N decides, over batch x kv heads
+    assert {n for _, n, _ in blocks(attention.autotune_candidates("dkdv", dkdv, 128, 2, 4, 1024, **H100))} == {64}
+
+
 def test_attention_rejects_what_it_does_not_support():
     q = torch.zeros(1, 8, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="as many keys"):
