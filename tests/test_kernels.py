@@ -20,7 +20,7 @@ from kernels import attention  # noqa: E402
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
 from kernels.attention import INTERPRETED, attention_reference, flash_attention, runs_here  # noqa: E402
 from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
-                              rms_norm_residual_reference)
+                          rms_norm_residual_reference, rows_per_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not runs_here(), reason="kernels was imported before TRITON_INTERPRET=1 "
@@ -250,6 +250,30 @@ def test_rms_norm_half_precision_is_as_close_as_the_reference(dtype, weight_dtyp
     assert rms_norm(x.to(dtype), weight.to(weight_dtype or dtype)).dtype == expected_dtype
     for name, o, p in zip(["y", "dx", "dweight"], max_errors(ours, gold), max_errors(peer, gold)):
         assert o <= 2 * p + ERROR_FLOOR[dtype], f"{name}: ours {o:.2e}, reference in {dtype} {p:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,dtype,weight_dtype", [((67, 256), torch.bfloat16, torch.float32),
+                                                      ((5, 8192), torch.float16, torch.float32),
+                                                      ((67, 256), torch.float32, None)])
+def test_rms_norm_backward_steps_through_rows_in_groups_with_a_ragged_last(shape, dtype, weight_dtype):
+    """Several rows per step and row counts no step size divides, so the last program stops mid-step; bf16/fp16 x
+    with an fp32 weight is training's mix outside memory mode."""
+    assert rows_per_step(shape[-1]) > 1 and shape[0] % rows_per_step(shape[-1])
+    x, weight, _, dy, _ = norm_inputs(shape, dtype)
+    ours = norm_outputs_and_grads(rms_norm, x, weight, dy, dtype, weight_dtype)
+    peer = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, dtype, weight_dtype)
+    gold = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, torch.float64)
+    floor = 1e-5 if dtype == torch.float32 else ERROR_FLOOR[dtype]
+    for name, o, p in zip(["y", "dx", "dweight"], max_errors(ours, gold), max_errors(peer, gold)):
+        assert o <= 2 * p + floor, f"{name}: ours {o:.2e}, reference in {dtype} {p:.2e}"
+
+
+@needs_triton
+def test_rms_norm_rejects_rows_too_wide_for_registers_naming_the_limit():
+    rms_norm(torch.ones(2, 16384, device=DEVICE), torch.ones(16384, device=DEVICE))
+    with pytest.raises(ValueError, match="up to 16384; got 16385"):
+        rms_norm(torch.ones(2, 16385, device=DEVICE), torch.ones(16385, device=DEVICE))
 
 
 @needs_triton
