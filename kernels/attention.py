@@ -42,8 +42,8 @@ def _configs(gpu, interpreted):
 # Hopper: mostly 128-query blocks and 8 warps (two warpgroups) with 2-4 stage load pipelines; the autotuner first
 # drops what would not fit in shared memory or would leave SMs idle (autotune_candidates). Compiled for sm_90 with
 # Triton 3.9, (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4) forward, (32, 128, 8, 3), (64, 128, 8, 3) dK/dV
-# and (128, 64, 8, 3), (128, 32, 8, 3) dQ do not spill registers at head_dim 128 in the deterministic path
-# (dK/dV's (64, 64, 8, 3) spills 16 bytes: kept for 64); the others are unmeasured. Forward and dQ need BLOCK_N
+# without dQ and (128, 64, 8, 3), (128, 32, 8, 3) dQ do not spill registers at head_dim 128 (dK/dV's (64, 64, 8, 3)
+# spills 16 bytes: kept for 64); the others, and dK/dV with atomic dQ, are not yet measured. Forward and dQ need BLOCK_N
 # to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse. The tests run each kernel with these
 # block shapes in the interpreter too.
 FWD_GPU = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4),
@@ -84,7 +84,7 @@ def programs(kernel, config, batch_heads, seq):
 
 def autotune_candidates(kernel, configs, head_dim, element_size, batch_heads, seq, shared_memory, sm_count):
     """The configs worth benchmarking on a device with shared_memory bytes per program and sm_count SMs: those
-    whose estimate fits (else the smallest); of those, the ones that launch PROGRAMS_PER_SM programs per SM,
+    whose estimate fits (else the smallest); of those, the ones that launch at least PROGRAMS_PER_SM per SM,
     or, where none does (one sequence of a few heads), those that launch the most, i.e. the smallest blocks."""
     fits = [c for c in configs if shared_memory_bytes(kernel, c, head_dim, element_size) <= shared_memory]
     fits = fits or [min(configs, key=lambda c: shared_memory_bytes(kernel, c, head_dim, element_size))]

@@ -183,6 +183,28 @@ def test_small_grids_prefer_smaller_blocks_so_every_sm_gets_work():
     assert {n for _, n, _ in blocks(attention.autotune_candidates("dkdv", dkdv, 128, 2, 4, 1024, **H100))} == {64}
 
 
+@needs_triton
+def test_autotuning_prunes_with_each_launchs_own_arguments(monkeypatch):
+    """The prune hooks read the kernels' arguments by name: run them for real, on a pretend H100. At 100 tokens
+    of 2 heads every grid is small, so only the 64-wide blocks survive and nothing is benchmarked."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        shared_memory_per_block_optin=H100["shared_memory"], multi_processor_count=H100["sm_count"]))
+    tuners = {}
+    for name, kernel, choices in [("_attn_fwd", "fwd", [(128, 64, 8, 3), (64, 64, 4, 3)]),
+                                  ("_attn_bwd_dkdv", "dkdv", [(64, 128, 8, 3), (64, 64, 4, 3)]),
+                                  ("_attn_bwd_dq", "dq", [(128, 64, 8, 3), (64, 64, 4, 3)])]:
+        tuners[name] = triton.autotune(gpu_configs(choices), key=attention.TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": attention._prune(kernel)},
+                                       do_bench=lambda fn, quantiles: pytest.fail("benchmarked"))(
+                                           getattr(attention, name).fn)
+        monkeypatch.setattr(attention, name, tuners[name])
+    assert_attention_matches(1, 100, 2, 16, torch.float32, True, deterministic=True)
+    for tuner in tuners.values():
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tuner.cache.values()] == [(64, 64)]
+
+
 def test_attention_rejects_what_it_does_not_support():
     q = torch.zeros(1, 8, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="as many keys"):
