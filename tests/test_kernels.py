@@ -2,8 +2,8 @@
 
 Without CUDA the kernels run on CPU tensors in Triton's interpreter, which Triton switches on when it decorates a
 kernel, i.e. when kernels is first imported: hence the environment variable set here, before any import of
-kernels. Interpreter cases are small (head_dim 16-32, tens of tokens) because it is slow; the cases marked gpu
-run at training sizes.
+kernels. Interpreter cases are small (head_dim 16-32, up to a few hundred tokens) because it is slow, and some
+re-decorate the kernels to run the GPU configs' block shapes there; the cases marked gpu run at training sizes.
 """
 
 import os
