@@ -1,6 +1,7 @@
 """Shared kernels, each beside the plain PyTorch reference that the tests compare it with:
 
-    kernels.flash_attention(q, k, v, causal=True, softmax_scale=None)   Triton, kernels/attention.py
+    kernels.flash_attention(q, k, v, causal=True, softmax_scale=None,   Triton, kernels/attention.py
+                            deterministic=False)
     kernels.rms_norm(x, weight, eps), kernels.rms_norm_residual(...)     Triton, kernels/norm.py
     kernels.linear_cross_entropy(hidden, weight, targets, ...)           PyTorch, kernels/cross_entropy.py
     from kernels.linear_attention import linear_attention                Triton, kernels/linear_attention.py

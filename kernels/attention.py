@@ -3,9 +3,15 @@
 Forward: a program owns BLOCK_M queries of one (batch, head) and streams the keys in blocks of BLOCK_N with an
 online softmax (running max and sum), so the seq x seq scores never exist in memory. It saves each query row's
 log-sum-exp, from which backward rebuilds the probabilities block by block.
-Backward is three kernels and no atomics, so gradients are deterministic: delta = rowsum(dO * O); a kernel that
-owns a block of keys and walks the queries (dK, dV); a kernel that owns a block of queries and walks the keys (dQ).
+Backward is FlashAttention-2's: delta = rowsum(dO * O), then one kernel per block of keys that walks the queries,
+keeps dK and dV in registers and adds its share of dQ into an fp32 buffer with atomics: 5 matmuls and one exp per
+pair of blocks. Atomics add in whatever order the blocks finish, so dQ's last bits vary from run to run;
+deterministic=True runs that kernel without dQ, then a kernel that owns a block of queries and walks the keys
+(dQ): 7 matmuls and two exps per pair, no atomics.
 Scores are kept in base 2 (log2(e) is folded into the softmax scale), so the kernels exponentiate with exp2.
+
+Grouped-query attention runs without copying k and v: query head h reads kv head h // (heads // kv_heads), and
+the key-block kernel sums dK, dV over the query heads of its group.
 
 Causal attention skips the key blocks above the diagonal and masks only blocks on the diagonal or at a ragged end;
 all others run without masks. Causal needs as many keys as queries (flash_attn aligns unequal lengths
@@ -33,13 +39,73 @@ def _configs(gpu, interpreted):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
 
 
-# Hopper: 128-query blocks and 8 warps (two warpgroups) with a 3-stage load pipeline. Compiled for sm_90 with
-# Triton 3.9, none of these spills registers at head_dim 128 (dK/dV's 64-row block spills 16 bytes: kept for 64).
-# Forward and dQ need BLOCK_N to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse.
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)], (32, 16, 4, 1))
-DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (16, 32, 4, 1))
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)], (32, 16, 4, 1))
-TUNE_KEY = ["N_CTX_Q", "N_CTX_K", "HEAD_DIM", "CAUSAL"]  # Triton adds the tensors' dtypes
+# Hopper: mostly 128-query blocks and 8 warps (two warpgroups) with 2-4 stage load pipelines; the autotuner first
+# drops what would not fit in shared memory or would leave SMs idle (autotune_candidates). Compiled for sm_90 with
+# Triton 3.9, (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4) forward, (32, 128, 8, 3), (64, 128, 8, 3) dK/dV
+# without dQ and (128, 64, 8, 3), (128, 32, 8, 3) dQ do not spill registers at head_dim 128 (dK/dV's (64, 64, 8, 3)
+# spills 16 bytes: kept for 64); the others, and dK/dV with atomic dQ, are not yet measured. Forward and dQ need BLOCK_N
+# to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse. The tests run each kernel with these
+# block shapes in the interpreter too.
+FWD_GPU = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4),
+           (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
+DKDV_GPU = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 8, 3), (64, 64, 4, 3),
+            (32, 64, 4, 3), (16, 64, 4, 4)]
+DQ_GPU = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3)]
+FWD_CONFIGS = _configs(FWD_GPU, (32, 16, 4, 1))
+DKDV_CONFIGS = _configs(DKDV_GPU, (16, 32, 4, 1))
+DQ_CONFIGS = _configs(DQ_GPU, (32, 16, 4, 1))
+# Tuned per power-of-two bucket of the lengths and of the grid's batch x heads, not per exact size, so a chat
+# prompt of a new length reuses its bucket's choice instead of re-tuning; the kernels take the exact lengths for
+# masking. The *_BUCKET arguments exist for the autotuner only. Triton adds the tensors' dtypes to the key.
+TUNE_KEY = ["N_CTX_Q_BUCKET", "N_CTX_K_BUCKET", "BATCH_HEADS_BUCKET", "HEAD_DIM", "CAUSAL"]
+LONGEST_BUCKET = 16384  # longer sequences tune as this one: the choice no longer changes with length
+PROGRAMS_PER_SM = 2  # fewer programs than this per SM leave SMs idle while the last ones run (small-grid rule)
+
+
+def shared_memory_bytes(kernel, config, head_dim, element_size):
+    """Estimated shared memory of one program of kernel ("fwd", "dkdv" or "dq"): the tiles it keeps, num_stages
+    copies of the tiles it streams (the load pipeline's buffers), and the probability tile a matmul takes
+    transposed. An estimate: what does not fit fails to compile and the autotuner skips it anyway, slowly."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    if kernel == "fwd":  # q kept; k, v streamed
+        elements = head_dim * (m + 2 * stages * n)
+    elif kernel == "dkdv":  # k, v kept; q, dO streamed; dS^T for dQ
+        elements = head_dim * (2 * n + 2 * stages * m) + m * n
+    else:  # dq: q, dO kept; k, v streamed; dS
+        elements = head_dim * (2 * m + 2 * stages * n) + m * n
+    return elements * element_size
+
+
+def programs(kernel, config, batch_heads, seq):
+    """How many programs kernel launches: forward and dQ split the queries into BLOCK_M, dK/dV the keys into
+    BLOCK_N, for each of batch_heads (batch x kv heads for dK/dV)."""
+    return batch_heads * triton.cdiv(seq, config.kwargs["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"])
+
+
+def autotune_candidates(kernel, configs, head_dim, element_size, batch_heads, seq, shared_memory, sm_count):
+    """The configs worth benchmarking on a device with shared_memory bytes per program and sm_count SMs: those
+    whose estimate fits (else the smallest); of those, the ones that launch at least PROGRAMS_PER_SM per SM,
+    or, where none does (one sequence of a few heads), those that launch the most, i.e. the smallest blocks."""
+    fits = [c for c in configs if shared_memory_bytes(kernel, c, head_dim, element_size) <= shared_memory]
+    fits = fits or [min(configs, key=lambda c: shared_memory_bytes(kernel, c, head_dim, element_size))]
+    counts = {c: programs(kernel, c, batch_heads, seq) for c in fits}
+    busy = [c for c in fits if counts[c] >= PROGRAMS_PER_SM * sm_count]
+    return busy or [c for c in fits if counts[c] == max(counts.values())]
+
+
+def _prune(kernel):
+    """autotune's early_config_prune for kernel: autotune_candidates for this call's device and tuning buckets
+    (not its exact sizes, so that the choice is a function of the key)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        device = torch.cuda.get_device_properties(args["Q"].device)
+        seq = args["N_CTX_K_BUCKET" if kernel == "dkdv" else "N_CTX_Q_BUCKET"]
+        return autotune_candidates(kernel, configs, args["HEAD_DIM"], args["Q"].element_size(),
+                                   args["BATCH_HEADS_BUCKET"], seq, device.shared_memory_per_block_optin,
+                                   device.multi_processor_count)
+    return prune
+
+
 DELTA_BLOCK = 64
 
 
@@ -74,12 +140,13 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-              H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: start them first so the tail of the grid is short
@@ -87,8 +154,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + h // GROUP * stride_kh
+    V += b * stride_vb + h // GROUP * stride_vh
     O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * N_CTX_Q
 
@@ -140,10 +207,11 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, s
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m, offs_d,
-                       lo, hi, N_CTX_Q, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Accumulate one key block's dK, dV over the query blocks in [lo, hi), working on transposed scores."""
+def _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale, sm_scale,
+                       cols, offs_m, offs_d, lo, hi, N_CTX_Q, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate one key block's dK, dV over the query blocks in [lo, hi), working on transposed scores; with
+    DQ_ATOMIC also add this key block's share of each query block's dQ to DQ (fp32)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
@@ -168,53 +236,82 @@ def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, q
             p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if DQ_ATOMIC:  # the fifth matmul: other key blocks add their shares to the same rows
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
+            dq_ptrs = DQ + rows[:, None] * stride_dqs + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+def _dkdv_head(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale, sm_scale, cols,
+               offs_m, offs_d, start_n, N_CTX_Q, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's share of a key block's dK, dV (and that head's dQ), Q..DELTA already at the head."""
+    whole = N_CTX_Q // BLOCK_M * BLOCK_M
+    if CAUSAL:  # queries before this key block do not see it; the diagonal block is masked, later ones are not
+        below = start_n + BLOCK_N
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, start_n, tl.minimum(below, N_CTX_Q), N_CTX_Q,
+                                    True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, below, whole, N_CTX_Q,
+                                    False, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, tl.maximum(whole, below), N_CTX_Q, N_CTX_Q,
+                                    True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+    else:
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, 0, whole, N_CTX_Q,
+                                    False, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stride_dos, stride_dqs, qk_scale,
+                                    sm_scale, cols, offs_m, offs_d, whole, N_CTX_Q, N_CTX_Q,
+                                    True, CAUSAL, DQ_ATOMIC, BLOCK_M, PRECISION)
+    return dk, dv
+
+
+# DQ_ATOMIC changes the work per block, so each mode tunes its own config; DQ accumulates across the benchmark
+# runs, hence zeroed before each.
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ"],
+                 prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_dqb, stride_dqs, stride_dqh,
                    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                   H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
-    LSE += bh.to(tl.int64) * N_CTX_Q
-    DELTA += bh.to(tl.int64) * N_CTX_Q
-
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """dK, dV of one key block of one kv head, summed over the GROUP query heads that share it (in order, so
+    deterministic); with DQ_ATOMIC the whole backward (FlashAttention-2's: 5 matmuls, one exp)."""
+    bh_kv = tl.program_id(1)
+    b, h_kv = (bh_kv // (H // GROUP)).to(tl.int64), (bh_kv % (H // GROUP)).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = (cols < N_CTX_K)[:, None]
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :], mask=col_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :], mask=col_ok, other=0.0)
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                mask=col_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    whole = N_CTX_Q // BLOCK_M * BLOCK_M
-    if CAUSAL:  # queries before this key block do not see it; the diagonal block is masked, later ones are not
-        diagonal = tl.program_id(0) * BLOCK_N
-        below = diagonal + BLOCK_N
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, diagonal, tl.minimum(below, N_CTX_Q), N_CTX_Q,
-                                    True, CAUSAL, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, below, whole, N_CTX_Q, False, CAUSAL, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, tl.maximum(whole, below), N_CTX_Q, N_CTX_Q,
-                                    True, CAUSAL, BLOCK_M, PRECISION)
-    else:
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, 0, whole, N_CTX_Q, False, CAUSAL, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, qk_scale, cols, offs_m,
-                                    offs_d, whole, N_CTX_Q, N_CTX_Q, True, CAUSAL, BLOCK_M, PRECISION)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        rows_at = (b * H + h) * N_CTX_Q  # this head's log-sum-exp and delta
+        dk, dv = _dkdv_head(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                            DQ + b * stride_dqb + h * stride_dqh, LSE + rows_at, DELTA + rows_at, stride_qs,
+                            stride_dos, stride_dqs, qk_scale, sm_scale, cols, offs_m, offs_d, start_n, N_CTX_Q,
+                            CAUSAL, DQ_ATOMIC, BLOCK_M, BLOCK_N, PRECISION)
+    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
 
@@ -247,21 +344,22 @@ def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_ks, stride_vs, qk_scale, 
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                  stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                  stride_dqb, stride_dqs, stride_dqh,
-                 H, N_CTX_Q, N_CTX_K, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in forward
         start_m = tl.num_programs(0) - 1 - start_m
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + h // GROUP * stride_kh
+    V += b * stride_vb + h // GROUP * stride_vh
 
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -296,6 +394,17 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def tuning_bucket(n):
+    """The autotune key for a size n: the next power of two, capped at LONGEST_BUCKET."""
+    return min(triton.next_power_of_2(n), LONGEST_BUCKET)
+
+
+def _sizes(n_q, n_k, batch_heads):
+    """The kernels' size arguments: the exact lengths for masking, then the tuning buckets of those and of the
+    grid's batch x heads."""
+    return n_q, n_k, tuning_bucket(n_q), tuning_bucket(n_k), tuning_bucket(batch_heads)
+
+
 def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -308,9 +417,9 @@ def _precision(dtype):
 def _check_inputs(q, k, v, causal):
     if not (q.dim() == k.dim() == v.dim() == 4):
         raise ValueError(f"q, k, v must be (batch, seq, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} do not match "
-                         "(k and v must have q's batch, heads and head_dim; repeat grouped kv heads first)")
+                         "(k and v must have q's batch and head_dim, and a number of heads that divides q's)")
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many keys as queries; got {q.shape[1]} and {k.shape[1]}")
     if q.shape[1] == 0 or k.shape[1] == 0:
@@ -318,9 +427,10 @@ def _check_inputs(q, k, v, causal):
 
 
 @torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-             softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward.
+    deterministic is for backward only; it rides along here so that autograd has it."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
     B, n_q, H, D = q.shape
     n_k = k.shape[1]
@@ -328,19 +438,24 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](q, k, v, o, lse, softmax_scale * LOG2E, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(o), H, n_q, n_k, HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+                    *_strides(o), H, H // k.shape[2], *_sizes(n_q, n_k, B * H),
+                    HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
     return o, lse
 
 
 @_forward.register_fake
-def _(q, k, v, causal, softmax_scale):
+def _(q, k, v, causal, softmax_scale, deterministic):
     B, n_q, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("kernels::flash_attention_backward", mutates_args=())
 def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              lse: torch.Tensor, causal: bool, softmax_scale: float,
+              deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv). By default one kernel per key block does it all, adding dQ into an fp32 buffer with atomics
+    (summed in whatever order blocks finish); deterministic gives dQ its own kernel instead: two more matmuls
+    and a second exp per block, the same bits every run."""
     do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
     lse = lse.contiguous()  # indexed as (batch * heads, n_q)
     B, n_q, H, D = q.shape
@@ -348,40 +463,52 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
                                                             HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    if deterministic:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     scales = (softmax_scale * LOG2E, softmax_scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
-    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _attn_bwd_dkdv[grid_k](q, k, v, do, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(do), *_strides(dk), *_strides(dv), H, n_q, n_k, **flags)
+    H_kv = k.shape[2]
+    heads = (H, H // H_kv)  # query heads, and how many share each kv head
+    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
+    _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
+                           *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv), *heads,
+                           *_sizes(n_q, n_k, B * H_kv), DQ_ATOMIC=not deterministic, **flags)
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *scales, *_strides(q), *_strides(k), *_strides(v),
-                         *_strides(do), *_strides(dq), H, n_q, n_k, **flags)
+                         *_strides(do), *_strides(dq), *heads, *_sizes(n_q, n_k, B * H), **flags)
     return dq, dk, dv
 
 
 @_backward.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale):
+def _(do, q, k, v, o, lse, causal, softmax_scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.softmax_scale = inputs
+    q, k, v, ctx.causal, ctx.softmax_scale, ctx.deterministic = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _gradients(ctx, do, _lse_grad):
     q, k, v, o, lse = ctx.saved_tensors
-    return *_backward(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale), None, None
+    return *_backward(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, ctx.deterministic), None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
-    """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q, k, v (batch, seq, heads, head_dim).
+def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
+    """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q (batch, seq, heads, head_dim), k and v
+    (batch, seq_k, kv_heads, head_dim). Grouped-query attention without copies: kv_heads divides heads, and query
+    head h attends with kv head h // (heads // kv_heads).
 
     fp16/bf16/fp32, head_dim in HEAD_DIMS, any sequence length; q, k, v on CUDA (or CPU under TRITON_INTERPRET=1).
+    deterministic=True makes the gradients bitwise reproducible, at the cost of a slower backward (no atomics).
     Forward and backward are torch.library custom ops, so torch.compile keeps a block that calls this in one
     graph and runs the kernels as they are, never tracing into them.
     """
@@ -394,7 +521,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _forward(q, k, v, causal, scale)[0]
+    return _forward(q, k, v, causal, scale, deterministic)[0]
 
 
 def attention_reference(q, k, v, causal=True, softmax_scale=None):
@@ -402,6 +529,8 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None):
     _check_inputs(q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     compute = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     q_, k_, v_ = (t.transpose(1, 2).to(compute) for t in (q, k, v))
     scores = (q_ @ k_.transpose(-2, -1)) * scale
     if causal:

@@ -1,8 +1,10 @@
 """RMSNorm in Triton with Llama's rounding: normalise in fp32, cast to the input dtype, then scale by the weight.
 
 Forward: one program per row (the whole row in registers, BLOCK = next_power_of_2(hidden)); it saves 1/rms per
-row so backward does not reduce again. Backward: each program owns a run of rows, writes their dx and one fp32
-partial sum of dweight; the partials are summed afterwards (deterministic, no atomics).
+row so backward does not reduce again. Backward: each program owns a run of rows and steps through it a few rows
+at a time (one cross-warp reduction and one round of loads for all of them), writes their dx and one fp32
+partial sum of dweight; the partials are summed afterwards (deterministic, no atomics). Folding that sum into the
+kernel (the last program to finish adds up the others) would put megabytes on one SM, slower than the sum.
 rms_norm_residual also adds the residual first and returns the sum, saving a pass over the tensor.
 The output dtype follows PyTorch's promotion of input and weight, as the reference's `normed * weight` does.
 """
@@ -11,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.support import is_interpreted
+from kernels.support import RMS_NORM_MAX_HIDDEN as MAX_BLOCK, is_interpreted
 
-MAX_BLOCK = 65536  # a row lives in registers: beyond this it would spill
+STEP_ELEMENTS = 16384  # a backward step's rows x BLOCK: 32 fp32 values per thread per tile at the warps chosen
 
 
 @triton.jit
@@ -37,26 +39,30 @@ def _rms_norm_fwd(X, RES, W, Y, SUM, RSTD, stride_x, stride_res, stride_y, strid
 
 @triton.jit
 def _rms_norm_bwd(DY, X, W, RSTD, DSUM, DX, DW_PARTIAL, stride_dy, stride_x, stride_dsum, stride_dx,
-                  n_rows, rows_per_program, N, HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr):
-    """dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat)) (+ the residual sum's gradient); dweight = sum dy * normed."""
+                  n_rows, rows_per_program, N, HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat)) (+ the residual sum's gradient); dweight = sum dy * normed.
+    ROWS rows per step, the weight loaded once per program."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     in_row = cols < N
     w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], tl.float32)
     first = pid * rows_per_program
-    for i in range(first, tl.minimum(first + rows_per_program, n_rows)):
-        row = tl.cast(i, tl.int64)
-        x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0)
-        dy = tl.load(DY + row * stride_dy + cols, mask=in_row, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        x_hat = x.to(tl.float32) * rstd
-        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)  # the weight multiplied the rounded value
-        dn = dy * w
-        dx = rstd * (dn - x_hat * (tl.sum(dn * x_hat, 0) / N))
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, ROWS):
+        rows = (start + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = rows < last
+        mask = row_ok[:, None] & in_row[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = x.to(tl.float32) * rstd[:, None]
+        dw += tl.sum(dy * x_hat.to(X.dtype.element_ty).to(tl.float32), 0)  # the weight multiplied the rounded value
+        dn = dy * w[None, :]
+        dx = rstd[:, None] * (dn - x_hat * (tl.sum(dn * x_hat, 1) / N)[:, None])
         if HAS_DSUM:
-            dx += tl.load(DSUM + row * stride_dsum + cols, mask=in_row, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+            dx += tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=in_row)
 
 
@@ -65,10 +71,17 @@ INTERPRETED = is_interpreted(_rms_norm_fwd)
 
 
 def _launch_settings(n):
+    """(BLOCK, num_warps) for rows of n: ~8 to 16 elements per thread at 2k to 8k."""
     block = triton.next_power_of_2(n)
     if block > MAX_BLOCK:
-        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_BLOCK}; got {n}")
-    return block, min(16, max(4, block // 256))  # ~8 to 16 elements per thread at 2k to 8k
+        raise ValueError(f"rms_norm keeps a row in registers, which fits hidden sizes up to {MAX_BLOCK}; got {n} "
+                         "(use the PyTorch RMSNorm)")
+    return block, min(16, max(4, block // 256))
+
+
+def rows_per_step(n):
+    """Rows of n that backward handles at once: 4 up to 4k, 2 at 8k, 1 at 16k."""
+    return max(1, min(4, STEP_ELEMENTS // triton.next_power_of_2(n)))
 
 
 def _rows(t, n):
@@ -144,14 +157,15 @@ def _backward(dy: torch.Tensor, total: torch.Tensor, weight: torch.Tensor, rstd:
     dsum2 = _rows(dsum, n) if dsum is not None else dy2
     dx = torch.empty_like(total2)
     n_rows = total2.shape[0]
+    step = rows_per_step(n)
     programs = max(1, min(n_rows, 4 * _processor_count(total.device)))
-    rows_per_program = triton.cdiv(n_rows, programs)
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), step) * step  # whole steps but the very last
     programs = triton.cdiv(n_rows, rows_per_program)
     partial = torch.empty((programs, n), dtype=torch.float32, device=total.device)
     block, warps = _launch_settings(n)
     _rms_norm_bwd[(programs,)](dy2, total2, weight, rstd, dsum2, dx, partial, dy2.stride(0), total2.stride(0),
                                dsum2.stride(0), dx.stride(0), n_rows, rows_per_program, n,
-                               HAS_DSUM=dsum is not None, BLOCK=block, num_warps=warps)
+                               HAS_DSUM=dsum is not None, BLOCK=block, ROWS=step, num_warps=warps)
     return dx.view(total.shape), partial.sum(0).to(weight.dtype)
 
 

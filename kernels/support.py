@@ -10,6 +10,8 @@ import torch
 
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # what kernels/attention.py compiles for
 LINEAR_ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # key and value dims kernels/linear_attention.py compiles for
+# kernels/norm.py keeps a row in registers; wider ones would spill (the model must use the PyTorch RMSNorm)
+RMS_NORM_MAX_HIDDEN = 16384
 
 
 def interpreter_requested() -> bool:

@@ -35,6 +35,27 @@ def test_table_shows_the_gain_over_the_row_above():
     assert "gain" not in phase7.table(rows[:1])
 
 
+def test_kernel_bench_counts_the_bytes_of_the_dtypes_it_moves():
+    """bf16 throughout: 2 passes forward, 5 with backward; an fp32 weight makes y and dy fp32."""
+    from bench.bench_kernels import rms_norm_bytes
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert [rms_norm_bytes(8, 4, bf16, bf16, mode) for mode in ("fwd", "fwd+bwd")] == [2 * 64, 5 * 64]
+    assert [rms_norm_bytes(8, 4, bf16, fp32, mode) for mode in ("fwd", "fwd+bwd")] == [32 * 6, 32 * 14]
+
+
+def test_kernel_bench_compares_ours_with_peers_only_and_lists_our_variants_first():
+    from bench.bench_kernels import DETERMINISTIC, row, table
+
+    fwd = row("attn", "fwd", {"ours": 2.0, "SDPA FA2": 4.0}, 1.0, lambda ms: 100 / ms, "TFLOP/s")
+    both = row("attn", "fwd+bwd", {"ours": 2.0, DETERMINISTIC: 1.0, "SDPA FA2": 4.0}, 1.0, lambda ms: 100 / ms,
+               "TFLOP/s")
+    assert both["vs_best_peer"] == "2.00x" and both["of_floor"] == "50%"
+    header, _, fwd_line, _ = table([fwd, both]).splitlines()
+    assert header.startswith(f"| case | mode | unit | ours | {DETERMINISTIC} | SDPA FA2 |")
+    assert fwd_line.startswith("| attn | fwd | TFLOP/s | 50 |  | 25 |")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 @pytest.mark.parametrize("module", ["bench.phase7", "bench.bench_kernels"])
 def test_gpu_benchmarks_without_cuda_are_a_one_line_error(module):

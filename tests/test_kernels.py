@@ -2,8 +2,8 @@
 
 Without CUDA the kernels run on CPU tensors in Triton's interpreter, which Triton switches on when it decorates a
 kernel, i.e. when kernels is first imported: hence the environment variable set here, before any import of
-kernels. Interpreter cases are small (head_dim 16-32, tens of tokens) because it is slow; the cases marked gpu
-run at training sizes.
+kernels. Interpreter cases are small (head_dim 16-32, up to a few hundred tokens) because it is slow, and some
+re-decorate the kernels to run the GPU configs' block shapes there; the cases marked gpu run at training sizes.
 """
 
 import os
@@ -14,11 +14,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 
+from kernels import attention  # noqa: E402
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
 from kernels.attention import INTERPRETED, attention_reference, flash_attention, runs_here  # noqa: E402
 from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
-                              rms_norm_residual_reference)
+                          rms_norm_residual_reference, rows_per_step)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not runs_here(), reason="kernels was imported before TRITON_INTERPRET=1 "
@@ -38,9 +40,10 @@ def skip_bf16_attention_in_interpreter(dtype):
         pytest.skip("Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)")
 
 
-def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None):
-    q, k, v, do = random_inputs(batch, n_q, heads, head_dim, dtype, DEVICE, n_k=n_k)
-    ours, peer, ok = compare(q, k, v, do, causal, dtype)
+def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=None, deterministic=False,
+                             kv_heads=None):
+    q, k, v, do = random_inputs(batch, n_q, heads, head_dim, dtype, DEVICE, n_k=n_k, kv_heads=kv_heads)
+    ours, peer, ok = compare(q, k, v, do, causal, dtype, deterministic)
     assert ok, f"max errors out, dq, dk, dv: ours {ours}, SDPA {peer} (allowed: 2x SDPA + {ERROR_FLOOR[dtype]})"
 
 
@@ -51,6 +54,35 @@ def assert_attention_matches(batch, n_q, heads, head_dim, dtype, causal, n_k=Non
 @pytest.mark.parametrize("seq", [1, 17, 130])
 def test_attention_float32_matches_float64_reference(seq, causal):
     assert_attention_matches(2, seq, 2, 32, torch.float32, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq", [17, 130])
+def test_deterministic_backward_matches_float64_reference(seq, causal):
+    assert_attention_matches(2, seq, 2, 32, torch.float32, causal, deterministic=True)
+
+
+def use_gpu_block_shapes(monkeypatch, ratio):
+    """Run each kernel with the first of its GPU configs whose wide block is ratio times its narrow one: the
+    interpreter's own config is small, and the diagonal and ragged-end logic depends on the block shapes."""
+    for name, choices, wide_over_narrow in [("_attn_fwd", attention.FWD_GPU, lambda m, n: m / n),
+                                            ("_attn_bwd_dkdv", attention.DKDV_GPU, lambda m, n: n / m),
+                                            ("_attn_bwd_dq", attention.DQ_GPU, lambda m, n: m / n)]:
+        m, n = next((m, n) for m, n, _, _ in choices if wide_over_narrow(m, n) == ratio)
+        kernel = getattr(attention, name)
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n})
+        monkeypatch.setattr(attention, name, triton.autotune([config], key=attention.TUNE_KEY)(kernel.fn))
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_attention_with_the_gpu_block_shapes(monkeypatch, ratio, causal, deterministic):
+    """260 = 2 x 128 + 4: whole blocks, the diagonal and a ragged end for every GPU block size."""
+    use_gpu_block_shapes(monkeypatch, ratio)
+    assert_attention_matches(1, 260, 2, 16, torch.float32, causal, deterministic=deterministic)
 
 
 @needs_triton
@@ -65,6 +97,19 @@ def test_attention_half_precision_is_as_close_as_sdpa(dtype, seq, causal):
 @pytest.mark.parametrize("head_dim,seq,causal", [(16, 33, True), (64, 40, False)])
 def test_attention_other_head_dims(head_dim, seq, causal):
     assert_attention_matches(1, seq, 2, head_dim, torch.float32, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_heads,causal,deterministic", [(1, True, False), (2, False, False), (2, True, True)])
+def test_grouped_query_attention_without_repeating_kv_heads(kv_heads, causal, deterministic):
+    """4 query heads on 1 or 2 kv heads: dK and dV sum over each kv head's group."""
+    assert_attention_matches(2, 67, 4, 16, torch.float32, causal, deterministic=deterministic, kv_heads=kv_heads)
+
+
+@needs_triton
+def test_grouped_query_attention_with_the_gpu_block_shapes(monkeypatch):
+    use_gpu_block_shapes(monkeypatch, 4)
+    assert_attention_matches(1, 260, 4, 16, torch.float32, True, kv_heads=2)
 
 
 @needs_triton
@@ -87,6 +132,79 @@ def test_attention_on_strided_views_with_a_custom_scale():
     torch.testing.assert_close(qkv.grad.double(), gold_qkv.grad, atol=1e-5, rtol=1e-5)
 
 
+@needs_triton
+def test_autotuning_is_keyed_on_length_buckets_so_a_new_length_reuses_its_buckets_choice(monkeypatch):
+    """Chat prompts come in every length: only a new power-of-two bucket may tune again."""
+    assert [attention.tuning_bucket(n) for n in (1, 130, 256, 257, 10**6)] == [1, 256, 256, 512, 16384]
+    blocks = attention._attn_fwd.configs[0].kwargs
+    fwd = triton.autotune([triton.Config(blocks, num_warps=w) for w in (4, 8)], key=attention.TUNE_KEY,
+                          do_bench=lambda fn, quantiles: [1.0] * 3)(attention._attn_fwd.fn)
+    monkeypatch.setattr(attention, "_attn_fwd", fwd)
+    q = torch.randn(1, 70, 1, 16, device=DEVICE)
+    for seq in (33, 50, 64, 65, 70):
+        flash_attention(q[:, :seq], q[:, :seq], q[:, :seq])
+    assert len(fwd.cache) == 2
+
+
+# H100 SXM: what torch reports as shared_memory_per_block_optin and multi_processor_count.
+H100 = dict(shared_memory=232448, sm_count=132)
+
+
+def gpu_configs(choices):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
+
+
+def blocks(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in configs}
+
+
+@pytest.mark.parametrize("kernel,measured", [("fwd", [(128, 128, 8, 3), (128, 64, 8, 4)]),
+                                             ("dkdv", [(64, 128, 8, 3), (32, 128, 8, 3)]),
+                                             ("dq", [(128, 64, 8, 3), (128, 32, 8, 3)])])
+def test_shared_memory_estimate_admits_the_configs_that_compiled_and_drops_what_cannot_fit(kernel, measured):
+    """The measured ones compiled for sm_90 at head_dim 128 in bf16; in fp32 every tile doubles."""
+    choices = {"fwd": attention.FWD_GPU, "dkdv": attention.DKDV_GPU, "dq": attention.DQ_GPU}[kernel]
+    for config in gpu_configs(measured):
+        assert attention.shared_memory_bytes(kernel, config, 128, 2) <= H100["shared_memory"]
+    wide = attention.autotune_candidates(kernel, gpu_configs(choices), 128, 2, 256, 4096, **H100)
+    narrow = attention.autotune_candidates(kernel, gpu_configs(choices), 128, 4, 256, 4096, **H100)
+    assert blocks(narrow) < blocks(wide)
+    assert all(attention.shared_memory_bytes(kernel, c, 128, 4) <= H100["shared_memory"] for c in narrow)
+    smallest = attention.autotune_candidates(kernel, gpu_configs(choices), 128, 2, 256, 4096, 1, 132)
+    assert len(smallest) == 1  # nothing fits: the smallest is kept, to fail or not when it compiles
+
+
+def test_small_grids_prefer_smaller_blocks_so_every_sm_gets_work():
+    """One 1k sequence of 16 heads: 128-query blocks make 128 programs for 132 SMs, 64-query ones 256."""
+    fwd = gpu_configs(attention.FWD_GPU)
+    assert {m for m, _, _ in blocks(attention.autotune_candidates("fwd", fwd, 128, 2, 16, 1024, **H100))} == {64}
+    assert {m for m, _, _ in blocks(attention.autotune_candidates("fwd", fwd, 128, 2, 256, 1024, **H100))} == {64, 128}
+    dkdv = gpu_configs(attention.DKDV_GPU)  # splits the keys: BLOCK_N decides, over batch x kv heads
+    assert {n for _, n, _ in blocks(attention.autotune_candidates("dkdv", dkdv, 128, 2, 4, 1024, **H100))} == {64}
+
+
+@needs_triton
+def test_autotuning_prunes_with_each_launchs_own_arguments(monkeypatch):
+    """The prune hooks read the kernels' arguments by name: run them for real, on a pretend H100. At 100 tokens
+    of 2 heads every grid is small, so only the 64-wide blocks survive and nothing is benchmarked."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        shared_memory_per_block_optin=H100["shared_memory"], multi_processor_count=H100["sm_count"]))
+    tuners = {}
+    for name, kernel, choices in [("_attn_fwd", "fwd", [(128, 64, 8, 3), (64, 64, 4, 3)]),
+                                  ("_attn_bwd_dkdv", "dkdv", [(64, 128, 8, 3), (64, 64, 4, 3)]),
+                                  ("_attn_bwd_dq", "dq", [(128, 64, 8, 3), (64, 64, 4, 3)])]:
+        tuners[name] = triton.autotune(gpu_configs(choices), key=attention.TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": attention._prune(kernel)},
+                                       do_bench=lambda fn, quantiles: pytest.fail("benchmarked"))(
+                                           getattr(attention, name).fn)
+        monkeypatch.setattr(attention, name, tuners[name])
+    assert_attention_matches(1, 100, 2, 16, torch.float32, True, deterministic=True)
+    for tuner in tuners.values():
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tuner.cache.values()] == [(64, 64)]
+
+
 def test_attention_rejects_what_it_does_not_support():
     q = torch.zeros(1, 8, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="as many keys"):
@@ -95,8 +213,8 @@ def test_attention_rejects_what_it_does_not_support():
         flash_attention(*(torch.zeros(1, 8, 2, 24, device=DEVICE),) * 3)
     with pytest.raises(ValueError, match="dtype"):
         flash_attention(q.double(), q.double(), q.double())
-    with pytest.raises(ValueError, match="repeat grouped kv heads"):
-        flash_attention(q, q[:, :, :1], q[:, :, :1])
+    with pytest.raises(ValueError, match="divides q's"):
+        flash_attention(torch.zeros(1, 8, 3, 16, device=DEVICE), q, q)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------------------
@@ -157,6 +275,30 @@ def test_rms_norm_half_precision_is_as_close_as_the_reference(dtype, weight_dtyp
 
 
 @needs_triton
+@pytest.mark.parametrize("shape,dtype,weight_dtype", [((67, 256), torch.bfloat16, torch.float32),
+                                                      ((5, 8192), torch.float16, torch.float32),
+                                                      ((67, 256), torch.float32, None)])
+def test_rms_norm_backward_steps_through_rows_in_groups_with_a_ragged_last(shape, dtype, weight_dtype):
+    """Several rows per step and row counts no step size divides, so the last program stops mid-step; bf16/fp16 x
+    with an fp32 weight is training's mix outside memory mode."""
+    assert rows_per_step(shape[-1]) > 1 and shape[0] % rows_per_step(shape[-1])
+    x, weight, _, dy, _ = norm_inputs(shape, dtype)
+    ours = norm_outputs_and_grads(rms_norm, x, weight, dy, dtype, weight_dtype)
+    peer = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, dtype, weight_dtype)
+    gold = norm_outputs_and_grads(rms_norm_reference, x, weight, dy, torch.float64)
+    floor = 1e-5 if dtype == torch.float32 else ERROR_FLOOR[dtype]
+    for name, o, p in zip(["y", "dx", "dweight"], max_errors(ours, gold), max_errors(peer, gold)):
+        assert o <= 2 * p + floor, f"{name}: ours {o:.2e}, reference in {dtype} {p:.2e}"
+
+
+@needs_triton
+def test_rms_norm_rejects_rows_too_wide_for_registers_naming_the_limit():
+    rms_norm(torch.ones(2, 16384, device=DEVICE), torch.ones(16384, device=DEVICE))
+    with pytest.raises(ValueError, match="up to 16384; got 16385"):
+        rms_norm(torch.ones(2, 16385, device=DEVICE), torch.ones(16385, device=DEVICE))
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype,stream_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                 (torch.bfloat16, torch.float32)])  # a bf16 output, fp32 stream
 def test_rms_norm_residual_matches_reference(dtype, stream_dtype):
@@ -214,11 +356,12 @@ def test_custom_ops_pass_torch_library_opcheck():
     """Schema, fake (meta) versions and autograd registration agree with the real kernels."""
     q, k, v, _ = (t.float() for t in random_inputs(1, 9, 2, 16, torch.float32, DEVICE))
     x, weight, residual, dy, _ = (t.float() for t in norm_inputs((3, 24), torch.float32))
-    o, lse = torch.ops.kernels.flash_attention_forward(q, k, v, True, 0.25)
+    o, lse = torch.ops.kernels.flash_attention_forward(q, k, v, True, 0.25, False)
     rstd = torch.ops.kernels.rms_norm_forward(x, weight, 1e-6)[1]
     cases = [
-        (torch.ops.kernels.flash_attention_forward, (q.requires_grad_(), k, v, True, 0.25)),
-        (torch.ops.kernels.flash_attention_backward, (torch.randn_like(o), q.detach(), k, v, o, lse, True, 0.25)),
+        (torch.ops.kernels.flash_attention_forward, (q.requires_grad_(), k, v, True, 0.25, False)),
+        *((torch.ops.kernels.flash_attention_backward, (torch.randn_like(o), q.detach(), k, v, o, lse, True, 0.25,
+                                                        deterministic)) for deterministic in (False, True)),
         (torch.ops.kernels.rms_norm_forward, (x.requires_grad_(), weight, 1e-6)),
         (torch.ops.kernels.rms_norm_residual_forward, (x, residual, weight.requires_grad_(), 1e-6)),
         (torch.ops.kernels.rms_norm_backward, (dy, x.detach(), weight.detach(), rstd, None)),
@@ -241,13 +384,20 @@ def test_gpu_attention_bf16_at_training_sizes(seq, head_dim, causal):
 @pytest.mark.gpu
 def test_gpu_attention_ragged_fp16_and_deterministic_backward():
     assert_attention_matches(2, 1000, 4, 128, torch.float16, True)
+    assert_attention_matches(2, 1000, 4, 128, torch.float16, True, deterministic=True)
     q, k, v, do = (t.half() for t in random_inputs(2, 1000, 4, 128, torch.float16, DEVICE))
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        flash_attention(*leaves, causal=True).backward(do)
+        flash_attention(*leaves, causal=True, deterministic=True).backward(do)
         grads.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_grouped_query_attention_at_training_sizes(deterministic):
+    assert_attention_matches(2, 2048, 16, 128, torch.bfloat16, True, deterministic=deterministic, kv_heads=4)
 
 
 @pytest.mark.gpu

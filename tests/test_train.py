@@ -189,6 +189,7 @@ def test_triton_kernels_fall_back_to_pytorch_where_they_cannot_run(monkeypatch):
     assert attention_backend(load_config(None, TINY + ["d_model=48"])) == "sdpa"  # head size 24
     assert attention_backend(load_config(None, TINY + ["use_flash_attention=false"])) == "sdpa"
     assert norm_backend(load_config(None, TINY + ["rms_norm=torch"])) == "torch"
+    assert norm_backend(load_config(None, TINY + ["d_model=32768", "n_heads=256"])) == "torch"  # row too wide
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert (attention_backend(cfg), norm_backend(cfg)) == ("sdpa", "torch")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from engine.config import Config, ConfigError, choose
-from kernels.support import ATTENTION_HEAD_DIMS, triton_available
+from kernels.support import ATTENTION_HEAD_DIMS, RMS_NORM_MAX_HIDDEN, triton_available
 from phases.phase7.model import ModelArgs
 
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
@@ -68,8 +68,10 @@ def attention_backend(cfg: Phase7Config) -> str:
 
 
 def norm_backend(cfg: Phase7Config) -> str:
-    """rms_norm=triton runs kernels/norm.py where Triton can run, the PyTorch RMSNorm elsewhere."""
-    return "triton" if cfg.rms_norm == "triton" and triton_available() else "torch"
+    """rms_norm=triton runs kernels/norm.py where Triton can run and a row fits its registers, the PyTorch
+    RMSNorm elsewhere."""
+    fits = cfg.d_model <= RMS_NORM_MAX_HIDDEN
+    return "triton" if cfg.rms_norm == "triton" and triton_available() and fits else "torch"
 
 
 def model_args(cfg: Phase7Config, causal: bool = True, vocab_size: int | None = None) -> ModelArgs:

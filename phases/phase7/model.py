@@ -85,14 +85,18 @@ def apply_rope(x, cos, sin):
 def attention(q, k, v, causal: bool, backend: str, mask=None):
     """q, k, v: (B, S, H, D) -> (B, S, H, D). `mask` (bool, True = attend) overrides `causal`.
 
-    The Triton kernel needs CUDA tensors; elsewhere, and for masked decoding steps, SDPA runs.
+    k and v may have fewer (grouped) heads than q. The Triton kernel needs CUDA tensors; elsewhere, and for
+    masked decoding steps, SDPA runs.
     """
     if mask is None and backend == "triton" and q.is_cuda:
         from kernels.attention import flash_attention
-        return flash_attention(q, k, v, causal=causal)
+        return flash_attention(q, k, v, causal=causal)  # grouped heads natively: no copy of k, v
     if mask is None and backend == "flash_attn":
         from flash_attn import flash_attn_func
         return flash_attn_func(q, k, v, causal=causal)
+    if k.shape[2] != q.shape[2]:
+        repeat = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if backend == "eager":
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -160,9 +164,6 @@ class Attention(nn.Module):
                 # New queries sit at positions start..start+S-1 of a longer key sequence.
                 positions = torch.arange(k.shape[1], device=x.device)
                 mask = positions[None, :] <= (start + torch.arange(S, device=x.device))[:, None]
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
         out = attention(q, k, v, self.causal, self.backend, mask)
         return self.o_proj(out.reshape(B, S, -1))
 
