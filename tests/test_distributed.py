@@ -1,5 +1,5 @@
 """Several ranks on CPU: torchrun with 2 gloo processes against one process, distributed checkpoints, resume
-on another world size, resume=auto after a rank dies mid-save."""
+on another world size, resume=auto after a rank dies mid-save, the launchers (Make, Slurm)."""
 
 import json
 import os
@@ -181,6 +181,47 @@ def test_each_rank_has_its_own_reproducible_seed():
     seeds = [rank_seed(1337, rank) for rank in range(8)]
     assert len(set(seeds)) == 8 and seeds == [rank_seed(1337, rank) for rank in range(8)]
     assert rank_seed(1337, 0, step=4) != seeds[0] and all(0 <= s < 2**63 for s in seeds)
+
+
+def make(*args):
+    return subprocess.run(["make", "-n", "--no-print-directory", f"PYTHON={sys.executable}", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_nproc_and_nnodes_run_train_targets_under_torchrun():
+    run = f"{sys.executable} -m torch.distributed.run"
+    assert f"{run} --standalone --nproc-per-node 8 -m engine.train configs/phase7_test.yaml" in \
+        make("train", "CONFIG=configs/phase7_test.yaml", "NPROC=8").stdout
+    assert f"{run} --standalone --nproc-per-node 2 -m engine.train configs/mdm_test.yaml" in \
+        make("train-mdm-test", "NPROC=2").stdout
+    assert (f"{run} --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node01:29500 "
+            "--rdzv-id llm-pretrain -m engine.train") in make("train-phase7-1.5b", "NPROC=8", "NNODES=2",
+                                                              "RDZV=node01:29500").stdout
+    assert "NNODES needs RDZV=" in make("train-phase7-1.5b", "NNODES=2").stderr
+    assert f"{sys.executable} -m engine.train configs/phase7_test.yaml" in make("train-phase7-test").stdout
+
+
+def test_slurm_script_starts_one_torchrun_per_node_with_resume_auto(tmp_path):
+    script = f"{ROOT}/scripts/slurm/train.sbatch"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    scontrol = tmp_path / "scontrol"  # Slurm's node list expansion, as on a cluster
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "node01\\nnode02\\n"\n')
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_SUBMIT_DIR": ROOT, "DRY_RUN": "1"}
+    result = subprocess.run(["bash", script, "CONFIG=configs/phase7_1.5b_triton.yaml", "ARGS=max_steps=10 data=dummy",
+                             "out_dir=checkpoints/big"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", result.stdout.split()[4], "-m",
+        "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "node01:29500", "--rdzv-id", "42", "-m", "engine.train",
+        "configs/phase7_1.5b_triton.yaml", "resume=auto", "out_dir=checkpoints/big", "max_steps=10", "data=dummy"]
+    text = open(script).read()
+    assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text and "scontrol requeue" in text
+    missing = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "CONFIG=configs/<name>.yaml is required" in missing.stderr
 
 
 @pytest.mark.gpu
