@@ -31,7 +31,7 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 .PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
-	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints
+	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -139,6 +139,9 @@ bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fi
 
 bench-kernels: $(ENV) ## GPU: our attention and RMSNorm kernels against SDPA / cuDNN / F.rms_norm
 	$(PYTHON) -m bench.bench_kernels $(ARGS)
+
+bench-fsdp: $(ENV) ## GPU: phase7-1.5b tok/s under FSDP on 1 GPU vs the single-process engine (FSDP's overhead)
+	$(PYTHON) -m bench.phase7 --fsdp --no-depth-search $(ARGS)
 
 bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, torchao; loss vs fp32 AdamW [CONFIG=...]
 	$(PYTHON) -m bench.adam8bit $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
