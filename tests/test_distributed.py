@@ -87,6 +87,15 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one(two_ranks, tmp_path):
     same_log(log_of(run)[2:], log_of(tmp_path / "one_rank"))
 
 
+def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    """A .pt of one process (optimizer keyed by index) loads into the shards of 2 ranks of half the batch."""
+    single = tmp_path / "single"
+    Trainer(load_config(None, TINY + ["batch_size=4", "max_steps=4", f"out_dir={single}"])).fit()
+    result = torchrun(2, *TINY, "max_steps=4", f"out_dir={tmp_path / 'two'}", f"resume={single / 'phase7_step_2.pt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    same_log(log_of(single)[2:], log_of(tmp_path / "two"))
+
+
 def test_a_rank_killed_mid_save_leaves_latest_valid_and_resume_auto_continues_exactly(tmp_path):
     """mdm (each rank draws its own noise): rank 1 gets SIGKILL while writing step 4's shards. The job stops
     naming rank 1, `latest` still names step 2, and resume=auto on 2 ranks replays steps 3 and 4 exactly."""
