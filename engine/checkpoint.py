@@ -66,7 +66,7 @@ def restore_rng(state: dict) -> None:
 
 def missing_checkpoint(path: Path) -> CheckpointError:
     """Name what the folder does hold: the seed's examples say step_2000.pt where files are phase7_step_2000.pt."""
-    held = sorted(p.name for p in checkpoints_in(path.parent)) if path.parent.is_dir() else []
+    held = [p.name for p in checkpoints_in(path.parent)]
     if held:
         return CheckpointError(f"checkpoint {path} not found; {path.parent}/ holds: {', '.join(held)}")
     return CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file or checkpoint folder>")
@@ -109,6 +109,8 @@ def check_compatible(state: dict, cfg: Config, path) -> None:
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """The complete checkpoints of a run folder: .pt files and Distributed Checkpoint folders (a folder is
     renamed to its name only once every rank's part is written)."""
+    if not run_dir.is_dir():
+        return []
     return sorted(p for p in run_dir.iterdir() if not p.name.startswith(".")
                   and ((p.suffix == ".pt" and p.is_file()) or is_distributed_checkpoint(p)))
 
@@ -139,8 +141,6 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     are complete by construction (written to a temp file, then renamed), so the highest step is the newest.
     A best checkpoint is never the answer: it is rewritten in place, while step and final ones are not."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
     pointer = run_dir / LATEST
     if pointer.is_file():
         target = run_dir / pointer.read_text().strip()
