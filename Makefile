@@ -1,5 +1,6 @@
 # The user interface. `make` lists the targets. Train targets take ARGS="key=value ..." and CHECKPOINT=...
 # PYTHON=python3 uses that interpreter as it is instead of bootstrapping .venv (e.g. on a GPU box with no pip).
+# NPROC=N runs train targets on N GPUs of this node under torchrun (FSDP); NNODES=M RDZV=host:port on M nodes.
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -12,7 +13,17 @@ else
 ENV :=
 endif
 
-TRAIN = $(PYTHON) -m engine.train
+# torchrun is $(PYTHON) -m torch.distributed.run: the same interpreter as everything else
+ifdef NNODES
+LAUNCH = $(PYTHON) -m torch.distributed.run --nnodes $(NNODES) --nproc-per-node $(or $(NPROC),gpu) \
+	--rdzv-backend c10d --rdzv-endpoint $(or $(RDZV),$(error NNODES needs RDZV=<first node>:<port>, on every node)) \
+	--rdzv-id $(or $(RDZV_ID),llm-pretrain) -m
+else ifdef NPROC
+LAUNCH = $(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m
+else
+LAUNCH = $(PYTHON) -m
+endif
+TRAIN = $(LAUNCH) engine.train
 RESUME = $(if $(CHECKPOINT),resume=$(CHECKPOINT))
 P7_1B5 := configs/phase7_1.5b_triton.yaml
 need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> is required, e.g. make $@ CHECKPOINT=$(1)" >&2; exit 2; }
@@ -20,11 +31,12 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 .PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
-	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints
+	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  Train targets take ARGS=\"key=value ...\" (any config key) and CHECKPOINT=<file.pt> to resume."
+	@echo "  NPROC=8: on 8 GPUs of this node (torchrun, FSDP); NNODES=2 RDZV=host:29500 on 2 nodes; Slurm: scripts/slurm/."
 
 $(VENV)/.installed: requirements.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -118,11 +130,18 @@ chat: $(ENV) ## chat with any checkpoint or run folder: CHECKPOINT=...
 	$(call need_checkpoint,checkpoints/phase7_test)
 	$(PYTHON) -m engine.chat $(CHECKPOINT) $(ARGS)
 
+consolidate: $(ENV) ## one .pt from a multi-GPU checkpoint folder: CHECKPOINT=checkpoints/x/phase7_step_2000 [OUT=file.pt]
+	$(call need_checkpoint,checkpoints/phase7_1.5b_triton/phase7_step_2000)
+	$(PYTHON) -m engine.consolidate $(CHECKPOINT) $(OUT)
+
 bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8] [LEVERS=1]
 	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(LEVERS),--levers) $(ARGS)
 
 bench-kernels: $(ENV) ## GPU: our attention and RMSNorm kernels against SDPA / cuDNN / F.rms_norm
 	$(PYTHON) -m bench.bench_kernels $(ARGS)
+
+bench-fsdp: $(ENV) ## GPU: phase7-1.5b tok/s under FSDP on 1 GPU vs the single-process engine (FSDP's overhead)
+	$(PYTHON) -m bench.phase7 --fsdp --no-depth-search $(ARGS)
 
 bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, torchao; loss vs fp32 AdamW [CONFIG=...]
 	$(PYTHON) -m bench.adam8bit $(if $(CONFIG),--config $(CONFIG)) $(ARGS)

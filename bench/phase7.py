@@ -5,12 +5,15 @@ tok/s, MFU, peak memory, and the deepest model of this width that fits. With --p
 LlamaForCausalLM with the same dims (bf16 autocast, fused AdamW, SDPA, torch.compile) runs in the same
 process, so the ratio is meaningful. --mem-gb caps the process's GPU memory and runs ours in memory mode
 (bf16 weights, 8-bit AdamW inside backward, checkpointing). --levers starts from plain eager PyTorch and turns
-our optimisations on one at a time, each row timed in the same process. Results are appended to
-bench/RESULTS.md.
+our optimisations on one at a time, each row timed in the same process. --fsdp times ours as one process and
+then under FSDP2 at world size 1 (torchrun's environment for one rank, set in this process): what sharding
+costs where it shards nothing, the floor of multi-GPU overhead. Results are appended to bench/RESULTS.md.
 """
 
 import argparse
 import gc
+import os
+import socket
 import sys
 import time
 
@@ -18,6 +21,7 @@ import torch
 
 from bench.results import record
 from engine.config import load_config
+from engine.distributed import shutdown
 from engine.optim import build_optimizer
 from engine.train import Trainer, autocast_for, lr_at, peak_flops
 from phases.phase7.model import dense_flops_per_token
@@ -78,6 +82,30 @@ def run_levers(args) -> list[dict]:
         print(table(rows[-1:]), flush=True)
         free_gpu()
     return rows
+
+
+def run_fsdp(args) -> dict:
+    """Ours with the engine's FSDP2 path (sharded model, DCP-ready optimizer) on this one GPU, in this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return run_ours(args, name="ours (phase7), FSDP2 at world size 1")
+
+
+def run_fsdp_overhead(args) -> int:
+    rows = [run_ours(args)]
+    free_gpu()
+    rows.append(run_fsdp(args))
+    rows[1]["gain"] = rows[1]["tok_per_s"] / rows[0]["tok_per_s"]
+    print(table(rows))
+    overhead = 1 - rows[1]["gain"]
+    print(f"FSDP2 at world size 1: {overhead:+.1%} tok/s overhead (goal: <= 3%)")
+    notes = (f"micro-batch {args.batch_size} x 1024 tokens, no accumulation; FSDP overhead at world size 1: "
+             f"{overhead:+.1%} of tok/s (goal <= 3%)")
+    record("bench-fsdp", " ".join(["python -m bench.phase7", *sys.argv[1:]]), table(rows), notes)
+    shutdown()
+    return 0
 
 
 def free_gpu() -> None:
@@ -155,6 +183,7 @@ def main() -> int:
     parser.add_argument("--peer", action="store_true", help="also time HF Llama + torch.compile")
     parser.add_argument("--mem-gb", type=float, help="cap this process to this many GiB of GPU memory")
     parser.add_argument("--levers", action="store_true", help="turn our optimisations on one at a time")
+    parser.add_argument("--fsdp", action="store_true", help="ours as one process vs under FSDP2 at world size 1")
     parser.add_argument("--batch-size", type=int, help="micro-batch (default 8; 4 with --mem-gb)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
@@ -168,6 +197,8 @@ def main() -> int:
     if args.mem_gb:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gb * 2**30 / total))
+    if args.fsdp:
+        return run_fsdp_overhead(args)
     if args.levers:
         rows = run_levers(args)
         print(table(rows))

@@ -32,9 +32,9 @@ def set_setting(settings: SamplingSettings, key: str, value: str) -> None:
 
 def resolve_checkpoint(path: str) -> Path:
     if not path:
-        raise ckpt.CheckpointError("no checkpoint given: CHECKPOINT=<file.pt or run folder>")
+        raise ckpt.CheckpointError("no checkpoint given: CHECKPOINT=<file.pt, checkpoint folder or run folder>")
     target = Path(path)
-    if target.is_dir():
+    if target.is_dir() and not ckpt.is_distributed_checkpoint(target):  # a run folder, not a checkpoint folder
         found = ckpt.find_latest(target)
         if found is None:
             raise ckpt.CheckpointError(f"no checkpoint in {target}/: train first (e.g. `make train-phase7-test`)")

@@ -3,11 +3,20 @@
 A checkpoint is a dict of tensors and plain values (torch.load(weights_only=True) accepts it):
 phase, config, model, optimizer, step, tokens_seen, sequences_drawn, best_val_loss, rng, tokenizer.
 The learning-rate schedule is a pure function of the step, so `step` is its whole state.
+
+A single process writes one `.pt` file per checkpoint. A run on several ranks (torchrun, FSDP) writes a
+Distributed Checkpoint folder instead (`phase7_step_2000/`, see DistributedCheckpoints): each rank its own
+shards, loadable on any number of ranks, or read whole on one process by load_checkpoint (chat, export,
+`make consolidate`). DCP pickles a folder's index (.metadata) and the optimizer's hyperparameters, so read
+only folders you trust; `make consolidate` turns one into a .pt that loads with weights_only.
 """
 
 import json
 import os
 import re
+import shutil
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,18 +66,23 @@ def restore_rng(state: dict) -> None:
 
 def missing_checkpoint(path: Path) -> CheckpointError:
     """Name what the folder does hold: the seed's examples say step_2000.pt where files are phase7_step_2000.pt."""
-    held = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+    held = [p.name for p in checkpoints_in(path.parent)]
     if held:
         return CheckpointError(f"checkpoint {path} not found; {path.parent}/ holds: {', '.join(held)}")
-    return CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file>")
+    return CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file or checkpoint folder>")
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", lazy: bool = False) -> dict:
+    """A whole checkpoint on the CPU: a .pt file, or a Distributed Checkpoint folder read into one process.
+    lazy: tensors are read when used (a .pt is memory-mapped; a folder gives its plain values only, for
+    DistributedCheckpoints.load to read the shards)."""
     path = Path(path)
+    if is_distributed_checkpoint(path):
+        return read_train_state(path) if lazy else read_distributed_checkpoint(path)
     if not path.is_file():
         raise missing_checkpoint(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=lazy)
     except Exception as e:  # truncated zip, foreign pickle, disk error: all mean "not a usable checkpoint"
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason}); use an earlier one") from None
@@ -92,13 +106,237 @@ def check_compatible(state: dict, cfg: Config, path) -> None:
                               f"resume with the same (its optimizer state is of the other kind)")
 
 
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder: .pt files and Distributed Checkpoint folders (a folder is
+    renamed to its name only once every rank's part is written)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if not p.name.startswith(".")
+                  and ((p.suffix == ".pt" and p.is_file()) or is_distributed_checkpoint(p)))
+
+
+def checkpoint_name(path: Path) -> str:
+    return path.name.removesuffix(".pt")
+
+
 def find_latest(run_dir: str | Path) -> Path | None:
     """best, then final, then the highest step: the checkpoint chat should load from a run folder."""
-    run_dir = Path(run_dir)
-    for pattern in ("*_best.pt", "*_final.pt"):
-        found = sorted(run_dir.glob(pattern))
-        if found:
-            return found[0]
-    steps = [(int(m.group(1)), p) for p in run_dir.glob("*_step_*.pt")
-             if (m := re.fullmatch(r".+_step_(\d+)\.pt", p.name))]
+    found = checkpoints_in(Path(run_dir))
+    for suffix in ("_best", "_final"):
+        named = [p for p in found if checkpoint_name(p).endswith(suffix)]
+        if named:
+            return named[0]
+    steps = [(int(m.group(1)), p) for p in found if (m := re.fullmatch(r".+_step_(\d+)", checkpoint_name(p)))]
     return max(steps)[1] if steps else None
+
+
+# --- resume=auto --------------------------------------------------------------------------------------------
+
+LATEST = "latest"  # names the newest complete checkpoint of a run on several ranks; written after it
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """resume=auto's checkpoint: the one `latest` names, else the step or final checkpoint with the highest step.
+    A run on several ranks writes `latest` once a checkpoint folder is complete; a single process's .pt files
+    are complete by construction (written to a temp file, then renamed), so the highest step is the newest.
+    A best checkpoint is never the answer: it is rewritten in place, while step and final ones are not."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        target = run_dir / pointer.read_text().strip()
+        if target.name and target in checkpoints_in(run_dir):
+            return target
+    steps = []
+    for p in checkpoints_in(run_dir):
+        if m := re.fullmatch(r".+_step_(\d+)", checkpoint_name(p)):
+            steps.append((int(m.group(1)), 0, p))
+        elif checkpoint_name(p).endswith("_final"):
+            steps.append((load_checkpoint(p, lazy=True)["step"], 1, p))
+    return max(steps)[2] if steps else None
+
+
+def resume_path(resume: str, out_dir: str) -> Path | None:
+    """The checkpoint a run continues from: `resume` as given, or with resume=auto out_dir's newest (None: none
+    yet, start fresh)."""
+    if resume != "auto":
+        return Path(resume) if resume else None
+    found = newest_checkpoint(out_dir)
+    print(f"resume=auto: {f'continuing from {found}' if found else f'no checkpoint in {out_dir}/, starting fresh'}")
+    return found
+
+
+def write_latest(run_dir: Path, target: Path) -> None:
+    atomic_write_bytes(run_dir / LATEST, lambda f: f.write(f"{target.name}\n".encode()))
+
+
+# --- Distributed Checkpoint folders (runs on several ranks) ------------------------------------------------------
+
+TRAIN_STATE = "train_state.json"  # beside the shards: phase, config, step, counters, tokenizer
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file() and (path / TRAIN_STATE).is_file()
+
+
+def read_train_state(path: Path) -> dict:
+    """A checkpoint folder's plain values: phase, config, step, counters, tokenizer."""
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+def read_distributed_checkpoint(path: Path) -> dict:
+    """A Distributed Checkpoint folder read whole into this process, in the shape of a .pt checkpoint: model
+    and optimizer unsharded (the optimizer keyed by parameter name), rank 0's RNG state as `rng`."""
+    # torch's reader of a whole checkpoint into one process, with no process group (dcp_to_torch_save's way)
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "no process group: loading in one process" is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        stored = _load_state_dict_from_keys(checkpoint_id=str(path))
+    rng = stored.get("rng", {}).get("rank0", {})
+    rng = {"torch": rng["torch"], "cuda": [rng["cuda"]] if "cuda" in rng else []} if rng else None
+    return {**read_train_state(path), "model": stored["model"], "optimizer": stored["optimizer"], "rng": rng}
+
+
+def rank_rng_state(device: torch.device) -> dict:
+    """This rank's RNG: the CPU generator and, on CUDA, its own GPU's (not every visible GPU's)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rank_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def optimizer_state_by_name(state: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """A torch.optim state dict keyed by parameter index (a single process's .pt) re-keyed by parameter name,
+    as torch.distributed.checkpoint.state_dict expects, matching indices to this optimizer's parameters in
+    order (the same groups: the model's shape was checked). One keyed by name already is returned as it is."""
+    if keyed_by_name(state):
+        return state
+    names = {p: n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+             for n, p in model.named_parameters()}
+    by_index = {}
+    for saved, group in zip(state["param_groups"], optimizer.param_groups):
+        by_index.update({i: names[p] for i, p in zip(saved["params"], group["params"])})
+    return {"state": {by_index[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [by_index[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def keyed_by_name(state: dict) -> bool:
+    """A torch.optim state dict from torch.distributed.checkpoint.state_dict (keyed by parameter name)."""
+    return "param_groups" in state and any(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+
+
+def load_optimizer_state(optimizer, model: torch.nn.Module, state: dict) -> None:
+    """A single process's optimizer from a .pt (keyed by index) or a checkpoint folder read whole (by name)."""
+    if not keyed_by_name(state):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer.optimizer, state)
+
+
+class DistributedCheckpoints:
+    """Saving and loading a sharded run's checkpoints with torch.distributed.checkpoint (DCP).
+
+    save(name): every rank stages its shards of the model and optimizer and its own RNG state to CPU memory
+    and writes them in a background thread (async_save) while training goes on. The shards go into
+    `.<name>.partial/`; when the last rank is done, rank 0 adds train_state.json, renames the folder to
+    `<name>/` and then rewrites `latest` to name it. A rank that dies mid-save leaves only the `.partial`
+    folder, which nothing reads and the next save of that name replaces: `latest` still names the previous
+    complete checkpoint. One save is in flight at a time; wait() finishes it (the end of a run calls it).
+
+    The background writes talk over a gloo group of their own, so they never interleave with FSDP's
+    collectives on the default group.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, device: torch.device):
+        import torch.distributed as dist
+
+        self.run_dir, self.rank, self.device = run_dir, rank, device
+        self.group = dist.new_group(backend="gloo")
+        self.in_flight: tuple[threading.Event, list] | None = None
+
+    def save(self, name: str, model, optimizer, train_state: dict, point_latest: bool) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        partial = self.run_dir / f".{name}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while writing it
+            partial.mkdir(parents=True)
+        dist.barrier(group=self.group)  # no rank writes into the folder before it is there, empty
+        model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state,
+                 "rng": {f"rank{self.rank}": rank_rng_state(self.device)}}
+        done, errors = threading.Event(), []
+
+        def publish(future) -> None:  # runs when this rank's write ends; rank 0's ends after every rank's
+            try:
+                future.result()
+                if self.rank == 0:
+                    self.publish(partial, self.run_dir / name, train_state, point_latest)
+            except BaseException as e:  # re-raised in the training thread by wait()
+                errors.append(e)
+            finally:
+                done.set()
+
+        dcp.async_save(state, checkpoint_id=partial, process_group=self.group).add_done_callback(publish)
+        self.in_flight = (done, errors)
+
+    def publish(self, partial: Path, final: Path, train_state: dict, point_latest: bool) -> None:
+        save_json(partial / TRAIN_STATE, train_state)
+        old = final.with_name(f".{final.name}.old")
+        if final.exists():  # best (and a re-saved final) replace an earlier folder of the same name
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+        if point_latest:
+            write_latest(self.run_dir, final)
+
+    def wait(self) -> None:
+        if self.in_flight is None:
+            return
+        done, errors = self.in_flight
+        done.wait()
+        self.in_flight = None
+        if errors:
+            raise errors[0]
+
+    def load(self, path: Path, model, optimizer) -> dict | None:
+        """The checkpoint's shards into this rank's model and optimizer, at any world size: from a folder
+        (DCP reshards) or a single process's .pt (each rank takes its slice). Returns this rank's RNG state,
+        or None when the checkpoint has none for this rank (it was saved by fewer ranks)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict, set_state_dict)
+
+        if not is_distributed_checkpoint(path):
+            state = load_checkpoint(path, lazy=True)
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, state["model"], options=whole)
+            set_optimizer_state_dict(model, optimizer.optimizer, options=whole,
+                                     optim_state_dict=optimizer_state_by_name(state["optimizer"],
+                                                                              optimizer.optimizer, model))
+            if self.rank != 0:  # a single process has one RNG state: rank 0 continues it
+                return None
+            rng = state["rng"]
+            return {"torch": rng["torch"], **({"cuda": rng["cuda"][0]} if rng["cuda"] else {})}
+        model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        rng = rank_rng_state(self.device)
+        if all(f"rng.rank{self.rank}.{key}" in stored for key in rng):
+            state["rng"] = {f"rank{self.rank}": rng}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        return state.get("rng", {}).get(f"rank{self.rank}")

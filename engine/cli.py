@@ -21,6 +21,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def run_cli(main, argv: list[str]) -> None:
+    # Under torchrun every rank reports its own failure: say which one
+    error = f"error (rank {os.environ['RANK']})" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "error"
     try:
         main(argv)
     except KeyboardInterrupt:
@@ -30,9 +32,9 @@ def run_cli(main, argv: list[str]) -> None:
         if os.environ.get("DEBUG") == "1":
             raise
         if isinstance(e, torch.cuda.OutOfMemoryError):
-            print(f"error: {OOM_HINT}", file=sys.stderr)
+            print(f"{error}: {OOM_HINT}", file=sys.stderr)
         elif isinstance(e, user_errors()):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"{error}: {e}", file=sys.stderr)
         else:
-            print(f"error: {type(e).__name__}: {e} (run with DEBUG=1 for the traceback)", file=sys.stderr)
+            print(f"{error}: {type(e).__name__}: {e} (run with DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -29,7 +29,7 @@ class Config:
     out_dir: str = "checkpoints/run"  # run directory: checkpoints, config.yaml, training_log.json
     seed: int = 1337
     device: str = "auto"  # auto | cuda | cpu
-    resume: str = ""  # checkpoint to continue from (Make's CHECKPOINT=)
+    resume: str = ""  # checkpoint to continue from (Make's CHECKPOINT=); auto: out_dir's newest, if any
     print_config: bool = False  # print the resolved config and exit
     fast_dev_run: int = 0  # >0: run this many steps, save nothing
     experiment: str = ""  # a name for the run in logs and wandb
@@ -68,14 +68,20 @@ class Config:
     use_compile: bool = False  # torch.compile each block (CUDA only)
     memory_mode: bool = False  # bf16 weights, 8-bit AdamW applied inside backward (engine/memory_mode/)
 
+    # --- several GPUs (torchrun: make ... NPROC=N; engine/distributed.py) ---
+    # Free each block's gathered weights after its forward and gather them again in backward (FSDP2's
+    # reshard_after_forward): less memory, one more all-gather per block and step.
+    fsdp_reshard_after_forward: bool = True
+
     # --- logging, evaluation, checkpoints ---
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20  # val batches per evaluation (fixed windows, so evals are comparable)
     save_every: int = 2000
 
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps * self.n_seq
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens per optimizer step over all ranks: batch_size is each rank's micro-batch."""
+        return self.batch_size * self.gradient_accumulation_steps * self.n_seq * world_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -41,7 +41,9 @@ class AfterBackward:
             group["lr"] = lr
 
     def end_step(self) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        # Sharded (FSDP) gradients are DTensors: their norm is the global one, a replicated DTensor
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def apply(self, finite: bool = True) -> None:
         if finite:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from engine.checkpoint import is_distributed_checkpoint
 from engine.cli import run_cli
 from engine.config import Config, ConfigError, coerce, load_config
 from engine.train import Trainer, TrainingError
@@ -52,7 +53,8 @@ def point_name(point: dict[str, str], varying: list[str]) -> str:
 def finished(cfg: Config) -> bool:
     """Whether cfg.out_dir holds a completed run of this config (the engine derives max_steps from a budget)."""
     folder = Path(cfg.out_dir)
-    if not (folder / f"{cfg.phase}_final.pt").is_file() or not (folder / "config.yaml").is_file():
+    final = (folder / f"{cfg.phase}_final.pt").is_file() or is_distributed_checkpoint(folder / f"{cfg.phase}_final")
+    if not final or not (folder / "config.yaml").is_file():
         return False
     saved, wanted = yaml.safe_load((folder / "config.yaml").read_text()), cfg.to_dict()
     ignored = {"max_steps", "resume"} if cfg.flops_budget > 0 else {"resume"}

@@ -3,6 +3,10 @@
 Reads top to bottom: build the phase's model, open data, (resume), then per step: micro-batches under
 autocast, backward, the optimizer's step (engine/optim.py), log, evaluate, save. The phase decides the model,
 its config keys and the loss only.
+
+The same loop runs on N ranks under torchrun (`make train ... NPROC=N`): the model is sharded with FSDP2
+(engine/distributed.py), rank r takes the r-th slice of each micro-step's windows, the loss is averaged over
+ranks, only rank 0 prints and writes logs, and checkpoints are Distributed Checkpoint folders.
 """
 
 import contextlib
@@ -19,6 +23,7 @@ from engine import checkpoint as ckpt
 from engine.blocks import apply_to_blocks
 from engine.cli import run_cli
 from engine.config import Config, dump_config, load_config
+from engine.distributed import build_sharded_model, check_supported, init_world, rank_seed, shutdown
 from engine.optim import build_optimizer, prepare_parameters
 from engine.plot import save_loss_plot
 from phases import get_phase
@@ -43,20 +48,21 @@ def budget_flops(n_params: int, tokens: int) -> float:
     return 6 * n_params * tokens
 
 
-def steps_for_budget(cfg: Config, n_params: int) -> int:
-    """max_steps from a compute budget."""
-    flops_per_step = budget_flops(n_params, cfg.tokens_per_step())
+def steps_for_budget(cfg: Config, n_params: int, world_size: int = 1) -> int:
+    """max_steps from a compute budget (the tokens of all ranks count)."""
+    tokens = cfg.tokens_per_step(world_size)
+    flops_per_step = budget_flops(n_params, tokens)
     steps = int(cfg.flops_budget // flops_per_step)
     if steps < 1:
         raise TrainingError(f"flops_budget={cfg.flops_budget:.3g} is less than one step "
-                            f"({flops_per_step:.3g} FLOPs = 6 x {n_params:,} params x {cfg.tokens_per_step():,}"
+                            f"({flops_per_step:.3g} FLOPs = 6 x {n_params:,} params x {tokens:,}"
                             " tokens): raise the budget or shrink the model or batch")
     return steps
 
 
-def steps_for_epochs(cfg: Config, train_tokens: int) -> int:
+def steps_for_epochs(cfg: Config, train_tokens: int, world_size: int = 1) -> int:
     """max_steps for cfg.epochs passes over the training tokens (the last step may run past the end)."""
-    return max(1, math.ceil(cfg.epochs * train_tokens / cfg.tokens_per_step()))
+    return max(1, math.ceil(cfg.epochs * train_tokens / cfg.tokens_per_step(world_size)))
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -108,38 +114,57 @@ class Trainer:
         from data.loader import open_data
 
         self.cfg = cfg
+        # World(): one process; under torchrun this rank's place, and its own GPU
+        self.world, self.device = init_world(pick_device(cfg))
+        if self.world.active:
+            check_supported(cfg)
+        self.resume_from = ckpt.resume_path(cfg.resume, cfg.out_dir)  # resume=auto: the newest, if any
         resume_state = None
-        if cfg.resume:  # check before building anything, so a wrong checkpoint fails fast
-            resume_state = ckpt.load_checkpoint(cfg.resume)
-            ckpt.check_compatible(resume_state, cfg, cfg.resume)
+        if self.resume_from:  # check before building anything, so a wrong checkpoint fails fast
+            resume_state = ckpt.load_checkpoint(self.resume_from, lazy=self.world.active)
+            ckpt.check_compatible(resume_state, cfg, self.resume_from)
         self.phase = get_phase(cfg.phase)
-        self.device = pick_device(cfg)
         self.out_dir = Path(cfg.out_dir)
         self.saving = cfg.fast_dev_run == 0
+        self.writes_files = self.saving and self.world.rank == 0  # logs, plots, config: rank 0 alone
         torch.manual_seed(cfg.seed)
         self.train_data = open_data(cfg.data, "train", cfg.n_seq, cfg.seed, cfg.vocab_size, cfg.tokenizer)
         self.val_data = open_data(cfg.data, "val", cfg.n_seq, cfg.seed, cfg.vocab_size, cfg.tokenizer)
         if self.train_data.vocab_size > cfg.vocab_size:
             raise TrainingError(f"the data's tokenizer has {self.train_data.vocab_size} ids but vocab_size="
                                 f"{cfg.vocab_size}: set vocab_size={self.train_data.vocab_size} or larger")
-        self.model = self.phase.build_model(cfg)
-        prepare_parameters(self.model, cfg)
-        self.model.to(self.device)
+        self.model = self.build_model(fresh=resume_state is None)
+        self.tokens_per_step = cfg.tokens_per_step(self.world.size)
         if cfg.flops_budget > 0:
-            cfg.max_steps = steps_for_budget(cfg, self.model.num_params())
+            cfg.max_steps = steps_for_budget(cfg, self.model.num_params(), self.world.size)
         if cfg.epochs > 0:
-            cfg.max_steps = steps_for_epochs(cfg, self.train_data.num_tokens)
+            cfg.max_steps = steps_for_epochs(cfg, self.train_data.num_tokens, self.world.size)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.checkpoints = (ckpt.DistributedCheckpoints(self.out_dir, self.world.rank, self.device)
+                            if self.world.active else None)
         # sequences_drawn counts the training sequences used: a skipped step's batches are not drawn again
         self.step, self.tokens_seen, self.sequences_drawn, self.best_val_loss = 0, 0, 0, float("inf")
         self.log: list[dict] = []
         self.micro_batch_size, self.accumulation_steps = self.split_of_each_step()
         if resume_state is not None:
             self.resume(resume_state)
-        apply_to_blocks(self.model, cfg, self.device)
+        elif self.world.active:  # each rank its own random stream (mdm's noise), from the run's seed
+            torch.manual_seed(rank_seed(cfg.seed, self.world.rank))
+        if not self.world.active:  # a sharded model got them before sharding
+            apply_to_blocks(self.model, cfg, self.device)
         self.eval_loss = self.phase.eval_loss or self.phase.loss
         self.flops_per_token = self.model.flops_per_token(cfg.n_seq)
         self.peak_flops = peak_flops(self.device)
+
+    def build_model(self, fresh: bool) -> torch.nn.Module:
+        """The phase's model on this process's device; under torchrun sharded over the ranks, its blocks
+        wrapped first, with the single-process initial weights when `fresh` (else a checkpoint's, later)."""
+        if self.world.active:
+            return build_sharded_model(self.phase, self.cfg, self.device, self.world,
+                                       lambda model: apply_to_blocks(model, self.cfg, self.device), fresh)
+        model = self.phase.build_model(self.cfg)
+        prepare_parameters(model, self.cfg)
+        return model.to(self.device)
 
     def split_of_each_step(self) -> tuple[int, int]:
         """(micro-batch size, micro-batches per step): the config's, or its micro_batch_size re-split."""
@@ -191,35 +216,45 @@ class Trainer:
                 torch.cuda.empty_cache()
 
     def resume(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.world.active:  # each rank reads its shards (and its own RNG state) from the checkpoint
+            rng = self.checkpoints.load(self.resume_from, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
+            rng = state["rng"]
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         # Checkpoints before micro_batch_size counted micro-batches of the saved batch_size instead.
         self.sequences_drawn = state.get("sequences_drawn",
                                          state.get("data_position", 0) * state["config"]["batch_size"])
         self.best_val_loss = state["best_val_loss"]
-        ckpt.restore_rng(state["rng"])
+        if not self.world.active:
+            ckpt.restore_rng(rng)
+        elif rng is not None:
+            ckpt.restore_rank_rng(rng, self.device)
+        else:  # a rank the checkpoint's run did not have
+            torch.manual_seed(rank_seed(self.cfg.seed, self.world.rank, self.step))
         log_file = self.out_dir / "training_log.json"
         if log_file.is_file():  # keep the history up to the checkpoint; later records are replayed
             self.log = [r for r in json.loads(log_file.read_text()) if r["step"] <= self.step]
-        print(f"Resumed from {self.cfg.resume} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+        print(f"Resumed from {self.resume_from} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    def train_state(self) -> dict:
+        """A checkpoint's plain values (a checkpoint folder's train_state.json; its tensors are in its shards)."""
+        return {"phase": self.phase.name, "config": self.cfg.to_dict(), "step": self.step,
+                "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
+                "best_val_loss": self.best_val_loss, "tokenizer": self.cfg.tokenizer}
 
     def checkpoint_state(self) -> dict:
-        return {
-            "phase": self.phase.name,
-            "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "sequences_drawn": self.sequences_drawn,
-            "best_val_loss": self.best_val_loss,
-            "rng": ckpt.rng_state(),
-            "tokenizer": self.cfg.tokenizer,
-        }
+        return {**self.train_state(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": ckpt.rng_state()}
 
     def save(self, name: str) -> None:
-        if self.saving:
+        if not self.saving:
+            return
+        if self.world.active:  # every rank writes its shards, in the background; `latest` never names best
+            self.checkpoints.save(f"{self.phase.name}_{name}", self.model, self.optimizer,
+                                  {**self.train_state(), "world_size": self.world.size}, point_latest=name != "best")
+        else:
             ckpt.save_checkpoint(self.out_dir / f"{self.phase.name}_{name}.pt", self.checkpoint_state())
 
     def batch(self, stream, first: int, size: int) -> torch.Tensor:
@@ -231,14 +266,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss over eval_batches fixed batches of batch_size x ranks windows, each rank scoring its slice."""
         self.model.eval()
+        size, world = self.cfg.batch_size, self.world
         total = torch.zeros((), device=self.device)
         with autocast_for(self.cfg, self.device):
             for i in range(self.cfg.eval_batches):
-                batch = self.batch(self.val_data, i * self.cfg.batch_size, self.cfg.batch_size)
+                batch = self.batch(self.val_data, (i * world.size + world.rank) * size, size)
                 total += self.eval_loss(self.model, batch, self.cfg).float()
         self.model.train()
-        return total.item() / self.cfg.eval_batches
+        return world.mean(total).item() / self.cfg.eval_batches
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches; returns (loss, grad norm) as device tensors.
@@ -247,22 +284,25 @@ class Trainer:
         self.optimizer.begin_step(lr_at(self.step + 1, cfg), accum)
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
-            # Windows are numbered consecutively from the start of the run, so any split draws each once.
-            batch = self.batch(self.train_data, self.sequences_drawn, size)
-            self.sequences_drawn += size
+            # Windows are numbered consecutively from the start of the run, so any split draws each once;
+            # of a micro-step's ranks x size windows, rank r takes the r-th slice (FSDP averages the gradients).
+            batch = self.batch(self.train_data, self.sequences_drawn + self.world.rank * size, size)
+            self.sequences_drawn += size * self.world.size
             with autocast_for(cfg, self.device):
                 loss = self.phase.loss(self.model, batch, cfg) / accum
             loss.backward()
             loss_sum += loss.detach()
-        return loss_sum, self.optimizer.end_step()
+        # Averaged over ranks: every rank then takes the same decision on a non-finite step
+        return self.world.mean(loss_sum), self.optimizer.end_step()
 
     def fit(self) -> None:
         cfg = self.cfg
         if self.saving:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.writes_files:
             (self.out_dir / "config.yaml").write_text(dump_config(cfg))
         self.print_header()
-        self.wandb = open_wandb(cfg) if cfg.logger == "wandb" and self.saving else None
+        self.wandb = open_wandb(cfg) if cfg.logger == "wandb" and self.writes_files else None
         self.model.train()
         bad_steps, window_start, window_tokens = 0, time.perf_counter(), 0
         last_step = cfg.fast_dev_run if cfg.fast_dev_run else cfg.max_steps
@@ -282,8 +322,8 @@ class Trainer:
             bad_steps = 0
             self.optimizer.apply()
             self.step += 1
-            self.tokens_seen += cfg.tokens_per_step()
-            window_tokens += cfg.tokens_per_step()
+            self.tokens_seen += self.tokens_per_step
+            window_tokens += self.tokens_per_step
 
             val_loss = None
             if self.step % cfg.eval_every == 0 or self.step == last_step:
@@ -291,7 +331,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or val_loss is not None:
                 elapsed = time.perf_counter() - window_start
                 self.log_step(loss.item(), grad_norm.item(), elapsed, window_tokens, val_loss)
-                if val_loss is not None and self.saving:  # after `elapsed` was taken: not counted in tok/s
+                if val_loss is not None and self.writes_files:  # after `elapsed` was taken: not counted in tok/s
                     save_loss_plot(self.out_dir, self.log)
                 window_start, window_tokens = time.perf_counter(), 0
             if val_loss is not None and val_loss < self.best_val_loss:
@@ -300,21 +340,26 @@ class Trainer:
             if self.step % cfg.save_every == 0:
                 self.save(f"step_{self.step}")
         self.save("final")
+        if self.checkpoints is not None:  # the last background save, complete and named by `latest`
+            self.checkpoints.wait()
         if self.wandb is not None:
             self.wandb.finish()
         if self.saving:
             print(f"Done: step {self.step}, checkpoints in {self.out_dir}/")
 
     def log_step(self, loss, grad_norm, elapsed, window_tokens, val_loss) -> None:
-        steps = window_tokens // self.cfg.tokens_per_step()
-        tok_per_s = window_tokens / elapsed
+        steps = window_tokens // self.tokens_per_step
+        tok_per_s = window_tokens / elapsed  # of all ranks
         line = (f"Step {self.step:6d} | Loss: {loss:.4f} | PPL: {math.exp(min(loss, 50)):.2f} | "
                 f"LR: {lr_at(self.step, self.cfg):.2e} | Grad: {grad_norm:.3f} | Time: {elapsed / steps:.2f}s"
                 f" | tok/s: {tok_per_s:,.0f}")
         record = {"step": self.step, "loss": loss, "lr": lr_at(self.step, self.cfg), "grad_norm": grad_norm,
                   "time": elapsed / steps, "tokens": self.tokens_seen, "tok_per_s": tok_per_s}
+        if self.world.active:
+            record["tok_per_s_per_gpu"] = tok_per_s / self.world.size
+            line += f" ({record['tok_per_s_per_gpu']:,.0f}/GPU)"
         if self.peak_flops:
-            record["mfu"] = tok_per_s * self.flops_per_token / self.peak_flops
+            record["mfu"] = tok_per_s * self.flops_per_token / (self.peak_flops * self.world.size)
             line += f" | MFU: {record['mfu']:.2f}"
         if self.cfg.flops_budget > 0:
             record["flops"] = budget_flops(self.model.num_params(), self.tokens_seen)
@@ -326,14 +371,15 @@ class Trainer:
         self.log.append(record)
         if self.wandb is not None:
             self.wandb.log(record, step=self.step)
-        if self.saving:
+        if self.writes_files:
             ckpt.save_json(self.out_dir / "training_log.json", self.log)
 
     def print_header(self) -> None:
         cfg, model = self.cfg, self.model
+        ranks = f"{self.world.size} rank{'s' if self.world.size > 1 else ''} x " if self.world.active else ""
         if cfg.flops_budget > 0:
             print(f"flops_budget {cfg.flops_budget:.3g} = 6 x {model.num_params():,} params x "
-                  f"{cfg.max_steps * cfg.tokens_per_step():,} tokens -> {cfg.max_steps} steps")
+                  f"{cfg.max_steps * self.tokens_per_step:,} tokens -> {cfg.max_steps} steps")
         if cfg.epochs > 0:
             print(f"epochs {cfg.epochs:g} x {self.train_data.num_tokens:,} train tokens -> {cfg.max_steps} steps")
         print(f"{cfg.experiment + ' | ' if cfg.experiment else ''}phase {self.phase.name} | "
@@ -341,7 +387,8 @@ class Trainer:
               f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
               f"{model.describe()}{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
-              f"{cfg.tokens_per_step():,} tokens/step ({self.micro_batch_size} x {self.accumulation_steps} sequences) | "
+              f"{self.tokens_per_step:,} tokens/step ({ranks}{self.micro_batch_size} x {self.accumulation_steps}"
+              " sequences) | "
               + (f"fast_dev_run: {cfg.fast_dev_run} steps, saves nothing" if cfg.fast_dev_run else
                  f"{cfg.max_steps} steps -> {cfg.out_dir}"), flush=True)
 
@@ -353,6 +400,7 @@ def main(argv: list[str]) -> None:
         print(dump_config(cfg), end="")
         return
     Trainer(cfg).fit()
+    shutdown()  # under torchrun; a failure leaves the group to torchrun, which stops every rank
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Export a phase 7 checkpoint to transformers' LlamaForCausalLM: a rename, since names and shapes match.
 
 python -m phases.phase7.export CHECKPOINT OUT_DIR   (then LlamaForCausalLM.from_pretrained(OUT_DIR))
+CHECKPOINT is a .pt file or a checkpoint folder of a run on several ranks.
 """
 
 import sys
