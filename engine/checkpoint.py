@@ -7,8 +7,8 @@ The learning-rate schedule is a pure function of the step, so `step` is its whol
 A single process writes one `.pt` file per checkpoint. A run on several ranks (torchrun, FSDP) writes a
 Distributed Checkpoint folder instead (`phase7_step_2000/`, see DistributedCheckpoints): each rank its own
 shards, loadable on any number of ranks, or read whole on one process by load_checkpoint (chat, export,
-`make consolidate`). DCP pickles a folder's index (.metadata) and the optimizer's hyperparameters, so read
-only folders you trust; `make consolidate` turns one into a .pt that loads with weights_only.
+`make consolidate`). Folders are read without running code too (engine/dcp_reader.py); `make consolidate`
+turns one into a single .pt.
 """
 
 import json
@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -186,12 +185,12 @@ def read_train_state(path: Path) -> dict:
 def read_distributed_checkpoint(path: Path) -> dict:
     """A Distributed Checkpoint folder read whole into this process, in the shape of a .pt checkpoint: model
     and optimizer unsharded (the optimizer keyed by parameter name), rank 0's RNG state as `rng`."""
-    # torch's reader of a whole checkpoint into one process, with no process group (dcp_to_torch_save's way)
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    from engine import dcp_reader
 
-    with warnings.catch_warnings():  # "no process group: loading in one process" is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        stored = _load_state_dict_from_keys(checkpoint_id=str(path))
+    try:
+        stored = dcp_reader.read_whole(path)
+    except dcp_reader.UnsafeCheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     rng = stored.get("rng", {}).get("rank0", {})
     rng = {"torch": rng["torch"], "cuda": [rng["cuda"]] if "cuda" in rng else []} if rng else None
     return {**read_train_state(path), "model": stored["model"], "optimizer": stored["optimizer"], "rng": rng}
@@ -315,7 +314,7 @@ class DistributedCheckpoints:
         """The checkpoint's shards into this rank's model and optimizer, at any world size: from a folder
         (DCP reshards) or a single process's .pt (each rank takes its slice). Returns this rank's RNG state,
         or None when the checkpoint has none for this rank (it was saved by fewer ranks)."""
-        import torch.distributed.checkpoint as dcp
+        from engine import dcp_reader
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                              set_optimizer_state_dict, set_state_dict)
 
@@ -332,11 +331,14 @@ class DistributedCheckpoints:
             return {"torch": rng["torch"], **({"cuda": rng["cuda"][0]} if rng["cuda"] else {})}
         model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        try:
+            stored = dcp_reader.read_metadata(path).state_dict_metadata
+        except dcp_reader.UnsafeCheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         rng = rank_rng_state(self.device)
         if all(f"rng.rank{self.rank}.{key}" in stored for key in rng):
             state["rng"] = {f"rank{self.rank}": rng}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_reader.load(state, path)
         set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         return state.get("rng", {}).get(f"rank{self.rank}")

@@ -240,3 +240,24 @@ def test_fsdp_on_one_gpu_trains_like_one_process(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.1)
     assert ckpt.is_distributed_checkpoint(tmp_path / "fsdp" / "phase7_final")
+
+
+def test_a_checkpoint_folder_whose_index_would_run_code_is_refused(tmp_path):
+    """DCP unpickles .metadata with plain pickle; ours refuses any class DCP does not write there."""
+    import pickle
+
+    from engine import dcp_reader
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    folder = tmp_path / "phase7_step_2"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    (folder / "train_state.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="refers to posix.system"):
+        ckpt.load_checkpoint(folder)
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(dcp_reader.UnsafeCheckpointError):
+        dcp_reader.read_metadata(folder)

@@ -1,0 +1,83 @@
+"""Reading Distributed Checkpoint folders without running code from them.
+
+torch.distributed.checkpoint unpickles a folder's index (.metadata) with plain pickle and its non-tensor values
+(the optimizer's hyperparameters) with torch.load(weights_only=False): a folder from elsewhere could run code
+when loaded. Here the index is unpickled with an allowlist of the classes DCP itself writes there, and the
+values with weights_only=True, as this repo loads every .pt, so a checkpoint folder is as safe to load as a file.
+"""
+
+import io
+import pickle
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+OTHER_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "WindowsPath"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath")}
+
+
+class UnsafeCheckpointError(Exception):
+    """A checkpoint folder whose index names something DCP never writes there."""
+
+
+class IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (module in DCP_MODULES or (module, name) in OTHER_GLOBALS or is_dtype):
+            raise UnsafeCheckpointError(f"its .metadata refers to {module}.{name}, which a Distributed Checkpoint "
+                                        "index never holds: refused to load it")
+        return super().find_class(module, name)
+
+
+class Reader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as index:
+            metadata = IndexUnpickler(index).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class ValuesWithoutCode:
+    """load_bytes of DCP's load planners, reading each value with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+class Planner(ValuesWithoutCode, DefaultLoadPlanner):
+    pass
+
+
+class WholePlanner(ValuesWithoutCode, _EmptyStateDictLoadPlanner):
+    pass
+
+
+def read_metadata(path) -> object:
+    return Reader(str(path)).read_metadata()
+
+
+def load(state: dict, path) -> None:
+    """dcp.load into a (sharded) state dict, on every rank of the default group."""
+    read_metadata(path)  # refuses a doubtful index here, not wrapped in DCP's collective error
+    dcp.load(state, storage_reader=Reader(str(path)), planner=Planner())
+
+
+def read_whole(path) -> dict:
+    """A whole checkpoint folder into this one process (no process group), nested as it was saved."""
+    # what torch's own whole-folder reader (_load_state_dict_from_keys) does, with the planner above
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    read_metadata(path)
+    state: dict = {}
+    _load_state_dict(state, storage_reader=Reader(str(path)), planner=WholePlanner(), no_dist=True)
+    return state
