@@ -244,3 +244,20 @@ def test_export_expands_a_tt_embedding_with_the_same_logits(tmp_path, capsys, ex
     x = torch.randint(0, 97, (2, 25))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), hf(x).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_bench_reports_each_variant_against_dense(capsys):
+    from bench import tt_embedding
+
+    tt_embedding.main(["--steps", "2", "--rounds", "1", "--steps-per-round", "1", "--no-record", "data=dummy",
+                       "vocab_size=4096", "n_seq=16", "d_model=128", "n_heads=4", "n_layers=1", "ffn_dim=64",
+                       "batch_size=2", "log_every=1", "eval_batches=1", "warmup_steps=1"])
+    out = capsys.readouterr().out
+    measured, recipe = ({cells[0]: cells[1:] for line in table.splitlines() if line.startswith("| ")
+                         for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+                        for table in out[out.index("| variant"):].split("\n\n")[:2])
+    assert {name for name, _ in tt_embedding.VARIANTS.values()} <= set(measured)
+    assert measured["dense"][1] == "+0.0000" and measured["dense"][6] == "1.00x"
+    assert measured["tt rank 16"][3] == f"{16 * 8 * 16 + 16 * 4 * 16 ** 2 + 16 * 4 * 16:,}"  # input embedding
+    assert measured["dense"][3] == f"{4096 * 128:,}" and measured["tt rank 64, tied head"][4] == measured["dense"][4]
+    assert recipe["tt rank 64"][0] == "1.11M"  # the 1.5B recipe's 32000 x 2048 table at rank 64
