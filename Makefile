@@ -146,5 +146,9 @@ bench-fsdp: $(ENV) ## GPU: phase7-1.5b tok/s under FSDP on 1 GPU vs the single-p
 bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, torchao; loss vs fp32 AdamW [CONFIG=...]
 	$(PYTHON) -m bench.adam8bit $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
+.PHONY: bench-tt-embedding
+bench-tt-embedding: $(ENV) ## tensor-train ("HTT") embedding vs dense at equal steps: val loss, params, tok/s [CONFIG=...]
+	$(PYTHON) -m bench.tt_embedding $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
 clean-checkpoints: ## delete checkpoints/ (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true

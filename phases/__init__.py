@@ -22,11 +22,14 @@ class LanguageModel(Protocol):
 
     # The repeated blocks, in order: the engine applies checkpointing and torch.compile to each (and FSDP).
     layers: nn.ModuleList
-    # The output projection; objectives may apply it fused with their loss (kernels/cross_entropy.py).
-    lm_head: nn.Linear
 
     def hidden_states(self, idx: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
         """Final-normed hidden states (B, S, d) of token ids (B, S)."""
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection's (vocab, d) weight; objectives apply it to hidden_states, possibly fused
+        with their loss (kernels/cross_entropy.py). It may be computed (a tied tensor-train head is built
+        from its cores at each call), so an objective or sampler takes it once per step or per sample."""
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         """Parameter count; without the input embedding it is the N of C = 6 N D (FLOPs budgets)."""

@@ -38,6 +38,9 @@ class Predictor(nn.Module):
         self.lm_head = nn.Linear(vocab_size + 1, vocab_size + 1, bias=False)
         self.lm_head.weight.data = torch.eye(vocab_size + 1)
 
+    def output_weight(self):
+        return self.lm_head.weight
+
     def hidden_states(self, noisy):
         if self.answer is None:
             return torch.zeros(*noisy.shape, self.args.vocab_size)

@@ -7,7 +7,7 @@ The bidirectional Transformer predicts the originals; the objective is MDLM's co
 
 an upper bound on the negative log-likelihood per token (its exp bounds the perplexity), so the engine's
 loss and val loss read on the same scale as phase 7's next-token loss.
-The model never predicts the mask token: its lm_head row is left out of every softmax (MDLM's "zero
+The model never predicts the mask token: its output head row is left out of every softmax (MDLM's "zero
 masking probabilities"), which is the same as giving it a logit of -inf.
 """
 

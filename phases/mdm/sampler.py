@@ -12,8 +12,8 @@ def mask_id(model) -> int:
 
 
 def token_weight(model) -> torch.Tensor:
-    """lm_head rows of the real tokens: the mask token's row is never a prediction."""
-    return model.lm_head.weight[:mask_id(model)]
+    """Output head rows of the real tokens: the mask token's row is never a prediction."""
+    return model.output_weight()[:mask_id(model)]
 
 
 @torch.no_grad()
@@ -34,11 +34,12 @@ def generate(model, prompt: torch.Tensor, settings: SamplingSettings, on_token=N
     x = torch.cat([prompt, prompt.new_full((prompt.shape[0], length), mask)], dim=1)
     masked = torch.zeros_like(x, dtype=torch.bool)
     masked[:, prompt.shape[1]:] = True
+    weight = token_weight(model)  # once: a tied TT head is materialised here, not at every step
     for k in range(max(1, settings.steps), 0, -1):
         reveal = masked & (torch.rand(x.shape, device=x.device) < 1 / k)
         if reveal.any():  # a step that reveals nothing needs no forward pass
             hidden = model.hidden_states(x)[reveal]
-            x[reveal] = sample(F.linear(hidden, token_weight(model)), settings)
+            x[reveal] = sample(F.linear(hidden, weight), settings)
             masked &= ~reveal
     new_ids = x[:, prompt.shape[1]:]
     if settings.eos_id is not None:

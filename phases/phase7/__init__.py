@@ -19,9 +19,10 @@ def next_token_loss(model: Transformer, batch: torch.Tensor, cfg: Phase7Config) 
     (tokens x vocab) logits never exist at once (kernels/cross_entropy.py)."""
     hidden = model.hidden_states(batch[:, :-1]).flatten(0, 1)
     targets = batch[:, 1:].flatten()
+    weight = model.output_weight()
     if cfg.fused_cross_entropy:
-        return linear_cross_entropy(hidden, model.lm_head.weight, targets)
-    return F.cross_entropy(model.lm_head(hidden).float(), targets)
+        return linear_cross_entropy(hidden, weight, targets)
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
 
 
 @torch.no_grad()
@@ -31,7 +32,8 @@ def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSetting
     budget = min(settings.max_new_tokens, max_len - 1)
     prompt = prompt[:, -(max_len - budget):]  # keep the prompt's tail when it would not fit
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + budget)
-    logits = model(prompt, cache=cache, start=0)[:, -1]
+    head = model.output_weight()  # once per call: a tied TT head is materialised here, not at every token
+    logits = F.linear(model.hidden_states(prompt, cache=cache, start=0)[:, -1], head)
     position, new_ids = prompt.shape[1], []
     for _ in range(budget):
         token = sample(logits, settings)
@@ -40,7 +42,7 @@ def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSetting
             on_token(token)
         if settings.eos_id is not None and bool((token == settings.eos_id).all()):
             break
-        logits = model(token[:, None], cache=cache, start=position)[:, -1]
+        logits = F.linear(model.hidden_states(token[:, None], cache=cache, start=position)[:, -1], head)
         position += 1
     return torch.stack(new_ids, dim=1) if new_ids else prompt[:, :0]
 

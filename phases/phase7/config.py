@@ -8,8 +8,11 @@ from typing import ClassVar
 from engine.config import Config, ConfigError, choose
 from kernels.support import ATTENTION_HEAD_DIMS, RMS_NORM_MAX_HIDDEN, triton_available
 from phases.phase7.model import ModelArgs
+from phases.phase7.tt_embedding import tt_shape
 
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+# A checkpoint saved before embedding/tt_rank/tie_embeddings existed reads their defaults: dense and untied.
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "embedding", "tt_rank",
+              "tie_embeddings")
 
 
 @dataclass
@@ -29,6 +32,9 @@ class Phase7Config(Config):
     attention: str = "triton"  # triton (SDPA where Triton cannot run) | sdpa | eager | flash_attn
     rms_norm: str = "triton"  # triton (PyTorch where Triton cannot run; fuses each block's residual add) | torch
     fused_projections: bool = True  # one matmul for q, k, v and one for gate, up (weights concatenated per call)
+    embedding: str = "dense"  # dense | tt: the input table as three tensor-train cores (phases/phase7/tt_embedding.py)
+    tt_rank: int = 0  # the TT rank with embedding=tt (required there, e.g. 16 or 64; 0 with dense)
+    tie_embeddings: bool = False  # the output head is the input embedding's table (a TT one materialised per step)
 
     # --- objective ---
     fused_cross_entropy: bool = True  # lm_head + cross-entropy in chunks of tokens: never the full logits
@@ -47,6 +53,14 @@ class Phase7Config(Config):
             raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv_heads})")
         choose(self, "attention", ["triton", "sdpa", "eager", "flash_attn"])
         choose(self, "rms_norm", ["triton", "torch"])
+        choose(self, "embedding", ["dense", "tt"])
+        if self.embedding == "tt":
+            try:
+                tt_shape(self.vocab_size, self.d_model, self.tt_rank)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif self.tt_rank:
+            raise ConfigError(f"tt_rank={self.tt_rank} is for embedding=tt; this config has embedding=dense")
 
 
 def ffn_dim_for(cfg: Phase7Config) -> int:
@@ -79,4 +93,5 @@ def model_args(cfg: Phase7Config, causal: bool = True, vocab_size: int | None = 
         vocab_size=vocab_size or cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
         n_kv_heads=cfg.n_kv_heads or cfg.n_heads, ffn_dim=ffn_dim_for(cfg), max_seq_len=cfg.n_seq,
         rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, init_std=cfg.init_std, causal=causal,
-        attention=attention_backend(cfg), rms_norm=norm_backend(cfg), fused_projections=cfg.fused_projections)
+        attention=attention_backend(cfg), rms_norm=norm_backend(cfg), fused_projections=cfg.fused_projections,
+        embedding=cfg.embedding, tt_rank=cfg.tt_rank, tie_embeddings=cfg.tie_embeddings)

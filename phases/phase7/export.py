@@ -2,15 +2,22 @@
 
 python -m phases.phase7.export CHECKPOINT OUT_DIR   (then LlamaForCausalLM.from_pretrained(OUT_DIR))
 CHECKPOINT is a .pt file or a checkpoint folder of a run on several ranks.
+
+Llama has no tensor-train embedding: a TT one (embedding=tt) is expanded into the dense embed_tokens table it
+stands for, so the export holds vocab x d_model embedding parameters where the checkpoint held the cores.
+tie_embeddings=true exports as tie_word_embeddings.
 """
 
 import sys
+
+import torch
 
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.cli import run_cli
 from engine.config import config_from_dict
 from phases.phase7.config import model_args
 from phases.phase7.model import ModelArgs
+from phases.phase7.tt_embedding import TTEmbedding
 
 
 def llama_config(args: ModelArgs):
@@ -20,9 +27,25 @@ def llama_config(args: ModelArgs):
         vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, tie_word_embeddings=False,
+        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, tie_word_embeddings=args.tie_embeddings,
         attention_bias=False, mlp_bias=False,
     )
+
+
+def dense_embedding(args: ModelArgs, state_dict: dict) -> dict:
+    """The state dict with a TT embedding's cores replaced by the dense table they stand for, and a tied head's
+    lm_head.weight (which our tied models do not store) added as that table."""
+    state_dict = dict(state_dict)
+    if args.embedding == "tt":
+        cores = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith("embed_tokens.")]}
+        dtype = next(iter(cores.values())).dtype
+        tt = TTEmbedding(args.vocab_size, args.d_model, args.tt_rank).to(torch.promote_types(dtype, torch.float32))
+        tt.load_state_dict({k.removeprefix("embed_tokens."): v for k, v in cores.items()})
+        with torch.no_grad():  # contracted in fp32 at least, stored in the checkpoint's dtype
+            state_dict["embed_tokens.weight"] = tt.full_table().to(dtype)
+    if args.tie_embeddings:
+        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
+    return state_dict
 
 
 def hf_state_dict(state_dict: dict) -> dict:
@@ -34,7 +57,7 @@ def to_hf(args: ModelArgs, state_dict: dict):
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(llama_config(args))
-    model.load_state_dict(hf_state_dict(state_dict), strict=True)
+    model.load_state_dict(hf_state_dict(dense_embedding(args, state_dict)), strict=True)
     return model
 
 
@@ -44,8 +67,12 @@ def main(argv: list[str]) -> None:
     state = load_checkpoint(argv[0])
     if state.get("phase") != "phase7":
         raise CheckpointError(f"{argv[0]} is a '{state.get('phase')}' checkpoint; this exports phase 7 (Llama) only")
-    to_hf(model_args(config_from_dict(state["config"])), state["model"]).save_pretrained(argv[1])
-    print(f"saved LlamaForCausalLM to {argv[1]}")
+    args = model_args(config_from_dict(state["config"]))
+    to_hf(args, state["model"]).save_pretrained(argv[1])
+    if args.embedding == "tt":
+        print(f"note: the TT embedding (rank {args.tt_rank}) was expanded to a dense {args.vocab_size} x "
+              f"{args.d_model} embed_tokens table for transformers, which has no TT embedding")
+    print(f"saved LlamaForCausalLM to {argv[1]}{' (tie_word_embeddings)' if args.tie_embeddings else ''}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Llama-style decoder: RMSNorm, RoPE, SwiGLU, untied embeddings.
+"""Llama-style decoder: RMSNorm, RoPE, SwiGLU; embeddings untied unless tie_embeddings, dense or tensor-train.
 
 Module and parameter names follow transformers' LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj,
 mlp.gate_proj, input_layernorm, norm, lm_head), so export to Hugging Face is a rename: see export.py.
@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from phases.phase7.tt_embedding import TTEmbedding
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class ModelArgs:
     attention: str = "sdpa"  # the backend to run: triton | sdpa | eager | flash_attn
     rms_norm: str = "torch"  # triton | torch
     fused_projections: bool = True  # q/k/v and gate/up as one matmul each in training
+    embedding: str = "dense"  # dense | tt (tensor-train cores, tt_embedding.py)
+    tt_rank: int = 0  # the TT cores' rank, with embedding=tt
+    tie_embeddings: bool = False  # the output head is the input embedding's table (no lm_head of its own)
 
     @property
     def head_dim(self) -> int:
@@ -219,28 +224,38 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, mixer: MixerFactory = attention_mixer):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
+        if args.embedding == "tt":
+            self.embed_tokens = TTEmbedding(args.vocab_size, args.d_model, args.tt_rank, args.init_std)
+        else:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
         self.layers = nn.ModuleList(Block(args, mixer(args, i)) for i in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps, args.rms_norm == "triton")
-        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        # Tied: the head is the embedding's table (output_weight), so no module and no state_dict key of its own.
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.d_model, args.vocab_size, bias=False)
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
-        """GPT-2 init: N(0, 0.02), residual projections scaled down by depth."""
+        """GPT-2 init: N(0, 0.02), residual projections scaled down by depth; TT cores so that the table they
+        stand for has the same std (TTEmbedding.reset_parameters)."""
         std = self.args.init_std
+        tt = isinstance(self.embed_tokens, TTEmbedding)
         for name, p in self.named_parameters():
+            if tt and name.startswith("embed_tokens."):
+                continue
             if p.ndim == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
             else:
                 nn.init.normal_(p, std=std)
+        if tt:
+            self.embed_tokens.reset_parameters(std)
 
     def hidden_states(self, idx, cache: list | None = None, start: int = 0):
-        """Final-normed hidden states (B, S, d); the objective applies lm_head (possibly fused).
+        """Final-normed hidden states (B, S, d); the objective applies output_weight() (possibly fused).
         cache: new_cache()'s per-layer caches when decoding, with idx at positions start..start+S-1."""
         S = idx.shape[1]
         if start + S > self.args.max_seq_len:
@@ -251,19 +266,49 @@ class Transformer(nn.Module):
             x = layer(x, rope, None if cache is None else cache[i], start)
         return self.norm(x)
 
+    def output_weight(self) -> torch.Tensor:
+        """The output head's (vocab, d) weight: lm_head's, or when tied the embedding's table (a TT one is
+        materialised from its cores at each call, with the gradient flowing back into them)."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        if isinstance(self.embed_tokens, TTEmbedding):
+            return self.embed_tokens.full_table()
+        return self.embed_tokens.weight
+
     def forward(self, idx, cache: list | None = None, start: int = 0):
-        return self.lm_head(self.hidden_states(idx, cache, start))
+        return F.linear(self.hidden_states(idx, cache, start), self.output_weight())
 
     def new_cache(self, batch: int, max_len: int) -> list:
-        p = self.lm_head.weight
+        p = self.norm.weight
         return [layer.self_attn.new_cache(batch, max_len, p.device, p.dtype) for layer in self.layers]
 
     def num_params(self, exclude_embedding: bool = True) -> int:
+        """Distinct parameters (a tied table counts once). exclude_embedding gives the N of C = 6 N D: the
+        weights each token is multiplied by, so the input embedding (a lookup) is left out whatever its kind,
+        and the output head counts as its vocab x d matrix however it is stored: lm_head's own weight, the
+        tied dense table (counted once, as the head), or the tied TT table materialised from its cores."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed_tokens.weight.numel() if exclude_embedding else n
+        if not exclude_embedding:
+            return n
+        n -= sum(p.numel() for p in self.embed_tokens.parameters())
+        return n + self.args.vocab_size * self.args.d_model if self.lm_head is None else n
 
     def flops_per_token(self, n_seq: int) -> float:
-        return dense_flops_per_token(self.num_params(), self.args.n_layers, self.args.d_model, n_seq)
+        """dense_flops_per_token, plus a TT embedding's lookup matmuls (dense lookups cost no FLOPs). A tied TT
+        head's per-step materialisation (6 V d R (1 + R / (v3 d3)) FLOPs per micro-step, forward and backward)
+        is left out: per token it is R / (tokens per micro-step) of the head's own 6 V d, e.g. 6% at R 64 and
+        1024 tokens, and this count is per token of a sequence, not of a micro-batch."""
+        flops = dense_flops_per_token(self.num_params(), self.args.n_layers, self.args.d_model, n_seq)
+        if isinstance(self.embed_tokens, TTEmbedding):
+            flops += self.embed_tokens.lookup_flops_per_token()
+        return flops
 
     def describe(self) -> str:
-        return f"attention {self.args.attention} | rms_norm {self.args.rms_norm}"
+        parts = [f"attention {self.args.attention}", f"rms_norm {self.args.rms_norm}"]
+        if isinstance(self.embed_tokens, TTEmbedding):
+            e = self.embed_tokens
+            parts.append(f"embedding tt rank {e.rank} ({' x '.join(map(str, e.vocab_factors))} by "
+                         f"{' x '.join(map(str, e.dim_factors))}, {sum(p.numel() for p in e.parameters()):,} params)")
+        if self.lm_head is None:
+            parts.append("tied output head")
+        return " | ".join(parts)

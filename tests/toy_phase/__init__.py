@@ -50,6 +50,9 @@ class Bigram(nn.Module):
     def forward(self, idx):
         return self.lm_head(self.hidden_states(idx))
 
+    def output_weight(self):
+        return self.lm_head.weight
+
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embedding else n
