@@ -108,11 +108,13 @@ class Trainer:
         from data.loader import open_data
 
         self.cfg = cfg
+        self.phase = get_phase(cfg.phase)
+        if self.phase.resolve_config is not None:
+            self.phase.resolve_config(cfg)
         resume_state = None
         if cfg.resume:  # check before building anything, so a wrong checkpoint fails fast
             resume_state = ckpt.load_checkpoint(cfg.resume)
             ckpt.check_compatible(resume_state, cfg, cfg.resume)
-        self.phase = get_phase(cfg.phase)
         self.device = pick_device(cfg)
         self.out_dir = Path(cfg.out_dir)
         self.saving = cfg.fast_dev_run == 0
