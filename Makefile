@@ -20,7 +20,8 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 .PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
-	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints
+	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints \
+	train-hf train-hf-test
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -98,6 +99,12 @@ train-mdm-170M: $(ENV) ## masked diffusion LM at the seed's 170M recipe, 1e19 FL
 
 train-mdm-1B: $(ENV) ## masked diffusion LM at 1B, 1e20 FLOPs (GPU; SlimPajama)
 	$(TRAIN) configs/mdm_1B.yaml $(RESUME) $(ARGS)
+
+train-hf: $(ENV) ## a transformers causal LM on our engine and kernels: Qwen3-0.6B on wikitext-2 (GPU; ARGS="model_name=...")
+	$(TRAIN) configs/hf_qwen3_0.6b.yaml $(RESUME) $(ARGS)
+
+train-hf-test: $(ENV) ## phase hf on CPU, no download: a tiny Qwen3 architecture from scratch on data-lite
+	$(TRAIN) configs/hf_test.yaml $(RESUME) $(ARGS)
 
 sweep: $(ENV) ## grid search: CONFIG=... GRID="learning_rate=1e-4,2e-4 batch_size=128,256" [OUT=dir]
 	@test -n "$(CONFIG)" -a -n "$(GRID)" || { echo 'error: CONFIG=configs/<name>.yaml and GRID="key=v1,v2 ..." are required' >&2; exit 2; }
