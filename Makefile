@@ -21,7 +21,7 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints \
-	train-hf train-hf-test
+	train-hf train-hf-test export
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -124,6 +124,11 @@ chat-phase7-1.5b: $(ENV) ## chat with CHECKPOINT, or the best/final/latest in ch
 chat: $(ENV) ## chat with any checkpoint or run folder: CHECKPOINT=...
 	$(call need_checkpoint,checkpoints/phase7_test)
 	$(PYTHON) -m engine.chat $(CHECKPOINT) $(ARGS)
+
+export: $(ENV) ## a checkpoint (or run folder) to its phase's format: CHECKPOINT=... OUT=dir (phase7: Llama, hf: its model)
+	$(call need_checkpoint,checkpoints/hf_qwen3_0.6b)
+	@test -n "$(OUT)" || { echo "error: OUT=<folder to write> is required" >&2; exit 2; }
+	$(PYTHON) -m engine.export $(CHECKPOINT) $(OUT)
 
 bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8] [LEVERS=1]
 	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(LEVERS),--levers) $(ARGS)

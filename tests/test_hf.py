@@ -1,6 +1,6 @@
 """Phase hf on CPU with a tiny Qwen3 saved here by save_pretrained (model and tokenizer, no hub), loaded by the
 real code path: our loss against the stock transformers forward, our kernels inside the model (in Triton's
-interpreter), training, exact resume, chat, and the one-line errors."""
+interpreter), training, exact resume, export round trip, chat, and the one-line errors."""
 
 import importlib.util
 import json
@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from engine.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from engine.sampling import SamplingSettings  # noqa: E402
 from engine.train import Trainer  # noqa: E402
 from phases.hf import build_model, generate, next_token_loss  # noqa: E402
@@ -164,6 +164,27 @@ def trained_run(tiny_qwen3, tmp_path_factory) -> str:
     Trainer(load_config(None, RUN + [f"model_name={tiny_qwen3}", "data=dummy", "max_steps=2", "eval_every=2",
                                      f"out_dir={out}"])).fit()
     return str(out)
+
+
+def test_export_gives_a_folder_from_pretrained_loads_with_equal_logits(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.export import main as export  # what `make export CHECKPOINT=<run folder> OUT=...` runs
+
+    export([trained_run, str(tmp_path / "exported")])
+    state = load_checkpoint(f"{trained_run}/hf_best.pt")  # the run folder's checkpoint that export picked
+    model = build_model(config_from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), exported(input_ids=ids).logits)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tokenizer.encode("to be or not") == AutoTokenizer.from_pretrained(state["tokenizer"]).encode("to be or not")
+
+    save_checkpoint(tmp_path / "mdm.pt", {"phase": "mdm", "config": {"phase": "mdm"}, "model": {}})
+    with pytest.raises(CheckpointError, match=r"'mdm' checkpoint and that phase has no exporter \(phases/mdm/export.py"):
+        export([str(tmp_path / "mdm.pt"), str(tmp_path / "out")])
 
 
 def test_chat_finds_the_models_tokenizer_and_decodes_as_transformers_does(trained_run):
