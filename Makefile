@@ -21,7 +21,7 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b bench-phase7-1.5b bench-kernels bench-adam8bit clean-checkpoints \
-	train-hf train-hf-test export
+	train-hf train-hf-test export bench-hf
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -138,6 +138,9 @@ bench-kernels: $(ENV) ## GPU: our attention and RMSNorm kernels against SDPA / c
 
 bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, torchao; loss vs fp32 AdamW [CONFIG=...]
 	$(PYTHON) -m bench.adam8bit $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+bench-hf: $(ENV) ## GPU: phase hf (Qwen3-0.6B architecture, seq 512) vs the plain loop + torch.compile [LEVERS=1] [MEMORY=1]
+	$(PYTHON) -m bench.hf $(if $(LEVERS),--levers) $(if $(MEMORY),--memory-mode) $(ARGS)
 
 clean-checkpoints: ## delete checkpoints/ (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true

@@ -2,6 +2,7 @@
 real code path: our loss against the stock transformers forward, our kernels inside the model (in Triton's
 interpreter), training, exact resume, export round trip, chat, and the one-line errors."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -222,3 +223,40 @@ def test_model_errors_are_one_line_and_say_what_to_do(tiny_qwen3, tmp_path, monk
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[0] == (f"error: model folder {tmp_path}/Qwen3-0.6B not found: give an existing"
                                              " folder with config.json, or a hub name such as Qwen/Qwen3-0.6B")
+
+
+def test_bench_hf_lever_rows_change_only_their_own_switches_and_end_at_the_recipe():
+    from bench import hf
+
+    args = argparse.Namespace(model="m", batch_size=16, overrides=[])
+    switches, previous = [], None
+    for name, lever in hf.LEVERS:
+        switches += lever
+        cfg = load_config(hf.CONFIG, hf.bench_overrides(args) + switches).to_dict()
+        if previous is not None:
+            assert {key for key in cfg if cfg[key] != previous[key]} == {s.split("=")[0] for s in lever}, name
+        previous = cfg
+    assert cfg == load_config(hf.CONFIG, hf.bench_overrides(args)).to_dict()  # the last row is the recipe
+
+
+def test_bench_hf_runs_its_rows_on_a_cpu_stand_in(tiny_qwen3, monkeypatch, capsys):
+    """The GPU benchmark's code, timed on CPU with CUDA's calls stubbed: GPU time is scarce, bugs should not
+    spend it."""
+    import phases.hf.config
+    from bench import hf
+
+    for name, value in {"is_available": lambda: True, "synchronize": lambda: None, "empty_cache": lambda: None,
+                        "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 2**30}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(hf, "peak_flops", lambda device: None)
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # inductor on CPU would take minutes
+    monkeypatch.setattr(phases.hf.config, "triton_available", lambda *a: False)  # not the interpreter's pace
+    recorded = []
+    monkeypatch.setattr(hf, "record", lambda *entry: recorded.append(entry))
+    assert hf.main(["--model", tiny_qwen3, "--batch-size", "2", "--warmup", "1", "--steps", "1", "--memory-mode",
+                    "device=cpu", "n_seq=16"]) == 0
+    out = capsys.readouterr().out
+    assert [row.split("|")[1].strip() for row in recorded[0][2].splitlines()[2:]] == [
+        "plain loop, eager", "plain loop + torch.compile", "ours (phase hf)", "ours, memory mode"]
+    assert "ours (phase hf) / plain loop + torch.compile: " in out and "x peak memory" in out
+    assert "micro-batch 2 x 16 tokens" in recorded[0][3]
