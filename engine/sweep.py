@@ -22,6 +22,7 @@ import yaml
 from engine.cli import run_cli
 from engine.config import Config, ConfigError, coerce, load_config
 from engine.train import Trainer, TrainingError
+from phases import get_phase
 
 
 def parse_grid(args: list[str]) -> dict[str, list[str]]:
@@ -54,6 +55,9 @@ def finished(cfg: Config) -> bool:
     folder = Path(cfg.out_dir)
     if not (folder / f"{cfg.phase}_final.pt").is_file() or not (folder / "config.yaml").is_file():
         return False
+    resolve = get_phase(cfg.phase).resolve_config
+    if resolve is not None:  # the run saved the values its phase filled in (phase hf: the model's vocab_size)
+        resolve(cfg)
     saved, wanted = yaml.safe_load((folder / "config.yaml").read_text()), cfg.to_dict()
     ignored = {"max_steps", "resume"} if cfg.flops_budget > 0 else {"resume"}
     return all(saved.get(key) == value for key, value in wanted.items() if key not in ignored)

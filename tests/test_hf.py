@@ -260,3 +260,16 @@ def test_bench_hf_runs_its_rows_on_a_cpu_stand_in(tiny_qwen3, monkeypatch, capsy
         "plain loop, eager", "plain loop + torch.compile", "ours (phase hf)", "ours, memory mode"]
     assert "ours (phase hf) / plain loop + torch.compile: " in out and "x peak memory" in out
     assert "micro-batch 2 x 16 tokens" in recorded[0][3]
+
+
+def test_a_finished_sweep_point_is_read_back_not_trained_again(tiny_qwen3, tmp_path, monkeypatch):
+    """The saved config holds the vocab_size and tokenizer the run took from the model; the sweep compares
+    against those, not against the unset keys of the recipe."""
+    import engine.sweep
+
+    config = tmp_path / "hf.yaml"
+    config.write_text(f"phase: hf\nmodel_name: {tiny_qwen3}\ndata: dummy\nn_seq: 16\nbatch_size: 2\nmax_steps: 2\n"
+                      "eval_every: 2\neval_batches: 1\nwarmup_steps: 1\n")
+    first = engine.sweep.sweep(str(config), ["learning_rate=1e-3"], str(tmp_path / "sweep"))
+    monkeypatch.setattr(engine.sweep, "Trainer", None)  # training again would fail
+    assert engine.sweep.sweep(str(config), ["learning_rate=1e-3"], str(tmp_path / "sweep")) == first
