@@ -126,6 +126,19 @@ def test_our_kernels_inside_the_model_match_stock_transformers(tiny_qwen3, monke
     assert calls["attention"] == 2  # the prompt, in each layer; each decoding step went to SDPA
 
 
+def test_only_rms_norms_that_compute_llamas_are_swapped():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from phases.hf.extensions import computes_llama_rms_norm
+
+    assert computes_llama_rms_norm(LlamaRMSNorm(16)) and computes_llama_rms_norm(Qwen3RMSNorm(16))
+    assert not computes_llama_rms_norm(GemmaRMSNorm(16))  # x * (1 + weight)
+    assert not computes_llama_rms_norm(Olmo2RMSNorm(16))  # scales before casting back: other rounding
+
+
 def test_training_lowers_the_loss_and_resume_is_exact(tiny_qwen3, markov_data, tmp_path):
     def run(name, *extra):
         cfg = load_config(None, RUN + [f"model_name={tiny_qwen3}", f"data={markov_data}", "max_steps=6",
