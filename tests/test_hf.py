@@ -126,6 +126,24 @@ def test_our_kernels_inside_the_model_match_stock_transformers(tiny_qwen3, monke
     assert calls["attention"] == 2  # the prompt, in each layer; each decoding step went to SDPA
 
 
+@pytest.mark.gpu
+def test_on_cuda_our_kernels_in_compiled_layers_train_like_stock_transformers_in_bf16(tiny_qwen3):
+    from engine.blocks import apply_to_blocks
+
+    cfg = load_config(None, ["phase=hf", f"model_name={tiny_qwen3}", "use_compile=true"])
+    model = build_model(cfg).cuda()
+    assert "attention triton | rms_norm triton | cross-entropy fused" in model.describe()
+    apply_to_blocks(model, cfg, torch.device("cuda"))
+    reference = stock(tiny_qwen3).cuda()
+    batch = torch.randint(0, VOCAB, (4, 129), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = next_token_loss(model.train(), batch, cfg)
+        expected = reference.train()(input_ids=batch, labels=batch).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_only_rms_norms_that_compute_llamas_are_swapped():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
