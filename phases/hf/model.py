@@ -26,6 +26,10 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """No progress bars or load reports: the run header says what was loaded."""
@@ -205,8 +209,7 @@ class HFCausalLM(nn.Module):
 
     def flops_per_token(self, n_seq: int) -> float:
         config = text_config(self.hf.config)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        attention_width = config.num_attention_heads * head_dim  # Qwen3-0.6B: 2048, twice its hidden size
+        attention_width = config.num_attention_heads * head_dim(config)  # Qwen3-0.6B: 2048, twice its hidden size
         return dense_flops_per_token(self.num_params(), config.num_hidden_layers, attention_width, n_seq)
 
     def describe(self) -> str:
@@ -219,8 +222,7 @@ def build(cfg: HFConfig) -> HFCausalLM:
     from phases.hf.extensions import register_attention, replace_rms_norms
 
     config = text_config(load_hf_config(cfg.model_name))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = attention_backend(cfg, head_dim)
+    attention = attention_backend(cfg, head_dim(config))
     implementation = register_attention() if attention == "triton" else attention
     model = load_transformers_model(cfg, implementation)
     if model.config._attn_implementation != implementation:
