@@ -31,7 +31,8 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 .PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
-	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints
+	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints \
+	train-hf train-hf-test export bench-hf
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -111,6 +112,12 @@ train-mdm-170M: $(ENV) ## masked diffusion LM at the seed's 170M recipe, 1e19 FL
 train-mdm-1B: $(ENV) ## masked diffusion LM at 1B, 1e20 FLOPs (GPU; SlimPajama)
 	$(TRAIN) configs/mdm_1B.yaml $(RESUME) $(ARGS)
 
+train-hf: $(ENV) ## a transformers causal LM on our engine and kernels: Qwen3-0.6B on wikitext-2 (GPU; ARGS="model_name=...")
+	$(TRAIN) configs/hf_qwen3_0.6b.yaml $(RESUME) $(ARGS)
+
+train-hf-test: $(ENV) ## phase hf on CPU, no download: a tiny Qwen3 architecture from scratch on data-lite
+	$(TRAIN) configs/hf_test.yaml $(RESUME) $(ARGS)
+
 sweep: $(ENV) ## grid search: CONFIG=... GRID="learning_rate=1e-4,2e-4 batch_size=128,256" [OUT=dir]
 	@test -n "$(CONFIG)" -a -n "$(GRID)" || { echo 'error: CONFIG=configs/<name>.yaml and GRID="key=v1,v2 ..." are required' >&2; exit 2; }
 	$(PYTHON) -m engine.sweep $(CONFIG) $(GRID) $(if $(OUT),--out $(OUT)) $(ARGS)
@@ -134,6 +141,11 @@ consolidate: $(ENV) ## one .pt from a multi-GPU checkpoint folder: CHECKPOINT=ch
 	$(call need_checkpoint,checkpoints/phase7_1.5b_triton/phase7_step_2000)
 	$(PYTHON) -m engine.consolidate $(CHECKPOINT) $(OUT)
 
+export: $(ENV) ## a checkpoint (or run folder) to its phase's format: CHECKPOINT=... OUT=dir (phase7: Llama, hf: its model)
+	$(call need_checkpoint,checkpoints/hf_qwen3_0.6b)
+	@test -n "$(OUT)" || { echo "error: OUT=<folder to write> is required" >&2; exit 2; }
+	$(PYTHON) -m engine.export $(CHECKPOINT) $(OUT)
+
 bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8] [LEVERS=1]
 	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(LEVERS),--levers) $(ARGS)
 
@@ -149,6 +161,9 @@ bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, tor
 .PHONY: bench-tt-embedding
 bench-tt-embedding: $(ENV) ## tensor-train ("HTT") embedding vs dense at equal steps: val loss, params, tok/s [CONFIG=...]
 	$(PYTHON) -m bench.tt_embedding $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+bench-hf: $(ENV) ## GPU: phase hf (Qwen3-0.6B architecture, seq 512) vs the plain loop + torch.compile [LEVERS=1] [MEMORY=1]
+	$(PYTHON) -m bench.hf $(if $(LEVERS),--levers) $(if $(MEMORY),--memory-mode) $(ARGS)
 
 clean-checkpoints: ## delete checkpoints/ (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true

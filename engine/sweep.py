@@ -21,12 +21,14 @@ import yaml
 
 from engine.checkpoint import is_distributed_checkpoint
 from engine.cli import run_cli
-from engine.config import Config, ConfigError, coerce, load_config
+from engine.config import Config, ConfigError, load_config
 from engine.train import Trainer, TrainingError
+from phases import get_phase
 
 
 def parse_grid(args: list[str]) -> dict[str, list[str]]:
-    """{key: [value text, ...]}; ConfigError naming the key for an unknown key or a value of the wrong type."""
+    """{key: [value text, ...]}. Keys and values are checked when each point's config is loaded, against its
+    phase's keys, before anything trains."""
     axes = {}
     for arg in args:
         key, sep, values = arg.partition("=")
@@ -34,8 +36,6 @@ def parse_grid(args: list[str]) -> dict[str, list[str]]:
         if not sep or not key:
             raise ConfigError(f"expected key=value[,value...], got '{arg}'")
         axes[key] = values.split(",")
-        for value in axes[key]:
-            coerce(key, value)
     return axes
 
 
@@ -56,6 +56,9 @@ def finished(cfg: Config) -> bool:
     final = (folder / f"{cfg.phase}_final.pt").is_file() or is_distributed_checkpoint(folder / f"{cfg.phase}_final")
     if not final or not (folder / "config.yaml").is_file():
         return False
+    resolve = get_phase(cfg.phase).resolve_config
+    if resolve is not None:  # the run saved the values its phase filled in (phase hf: the model's vocab_size)
+        resolve(cfg)
     saved, wanted = yaml.safe_load((folder / "config.yaml").read_text()), cfg.to_dict()
     ignored = {"max_steps", "resume"} if cfg.flops_budget > 0 else {"resume"}
     return all(saved.get(key) == value for key, value in wanted.items() if key not in ignored)

@@ -114,6 +114,9 @@ class Trainer:
         from data.loader import open_data
 
         self.cfg = cfg
+        self.phase = get_phase(cfg.phase)
+        if self.phase.resolve_config is not None:  # keys the phase fills in (e.g. from a model's config)
+            self.phase.resolve_config(cfg)
         # World(): one process; under torchrun this rank's place, and its own GPU
         self.world, self.device = init_world(pick_device(cfg))
         if self.world.active:
@@ -123,7 +126,6 @@ class Trainer:
         if self.resume_from:  # check before building anything, so a wrong checkpoint fails fast
             resume_state = ckpt.load_checkpoint(self.resume_from, lazy=self.world.active)
             ckpt.check_compatible(resume_state, cfg, self.resume_from)
-        self.phase = get_phase(cfg.phase)
         self.out_dir = Path(cfg.out_dir)
         self.saving = cfg.fast_dev_run == 0
         self.writes_files = self.saving and self.world.rank == 0  # logs, plots, config: rank 0 alone

@@ -57,6 +57,9 @@ class Phase:
     config: type[Config] = Config
     # Keys that decide parameter shapes: a checkpoint loads only into a run that agrees on all of them.
     shape_keys: tuple[str, ...] = ("vocab_size",)
+    # (cfg) -> None: fills keys that follow from something outside the config (phase hf: the tokenizer and
+    # vocab_size of a pretrained model) when a run starts, before the resume check and the data. None: nothing.
+    resolve_config: Callable | None = None
 
 
 def get_phase(name: str) -> Phase:

@@ -57,7 +57,7 @@ def test_kernel_bench_compares_ours_with_peers_only_and_lists_our_variants_first
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-@pytest.mark.parametrize("module", ["bench.phase7", "bench.bench_kernels"])
+@pytest.mark.parametrize("module", ["bench.phase7", "bench.bench_kernels", "bench.hf"])
 def test_gpu_benchmarks_without_cuda_are_a_one_line_error(module):
     result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr

@@ -39,10 +39,14 @@ def test_a_phase_outside_phases_trains_through_make_train_with_its_own_key(tmp_p
     assert resumed.returncode != 0 and "another model shape: toy_width=24 (config: 8)" in resumed.stderr
 
 
+# What a phase needs beyond the defaults to build offline: phase hf's default model is on the hub.
+OFFLINE = {"hf": [f"model_name={ROOT}/configs/hf_tiny_qwen3", "init=scratch"]}
+
+
 @pytest.mark.parametrize("name", phase_names())
 def test_every_phase_model_is_a_language_model(name):
     phase = get_phase(name)
-    cfg = load_config(None, [f"phase={name}", "vocab_size=64", "n_seq=16"])
+    cfg = load_config(None, [f"phase={name}", "vocab_size=64", "n_seq=16", *OFFLINE.get(name, [])])
     assert type(cfg) is phase.config
     model = phase.build_model(cfg)
     assert isinstance(model, LanguageModel)

@@ -92,3 +92,9 @@ def test_gap_is_the_compute_factor_between_the_laws():
 def test_compare_without_results_says_what_to_run(tmp_path):
     with pytest.raises(ConfigError, match=r"finished runs of phase7 and of another phase .*\(found: none\).*make scaling PHASE="):
         scaling.main(["--compare", "--out", str(tmp_path)])
+
+
+def test_a_phase_key_can_be_an_axis(tmp_path):
+    rows = sweep(tiny_config(tmp_path / "tiny.yaml"), ["d_model=16,32", "max_steps=1", "fast_dev_run=1"],
+                 str(tmp_path / "out"))
+    assert [r["point"] for r in rows] == ["d_model-16", "d_model-32"]
