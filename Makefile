@@ -127,5 +127,22 @@ bench-kernels: $(ENV) ## GPU: our attention and RMSNorm kernels against SDPA / c
 bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, torchao; loss vs fp32 AdamW [CONFIG=...]
 	$(PYTHON) -m bench.adam8bit $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
+.PHONY: train-phase8 train-phase8-test chat-phase8 bench-phase8-vs-phase7 bench-phase8-variants
+
+train-phase8: $(ENV) ## phase 8, O(N) linear attention at phase 7's 1.5B dims (GPU)
+	$(TRAIN) configs/phase8_1.5b.yaml $(RESUME) $(ARGS)
+
+train-phase8-test: $(ENV) ## tiny phase 8 (linear attention) model on data-lite (CPU, ~3 min)
+	$(TRAIN) configs/phase8_test.yaml $(RESUME) $(ARGS)
+
+chat-phase8: $(ENV) ## chat with CHECKPOINT, or the best/final/latest in checkpoints/phase8_1.5b
+	$(PYTHON) -m engine.chat $(or $(CHECKPOINT),checkpoints/phase8_1.5b) $(ARGS)
+
+bench-phase8-vs-phase7: $(ENV) ## training step tok/s + peak memory at S=1k..32k, crossover (GPU) [MIXER=1] [CPU=1]
+	$(PYTHON) -m bench.phase8_vs_phase7 $(if $(CPU),--cpu) $(if $(MIXER),--mixer) $(ARGS)
+
+bench-phase8-variants: $(ENV) ## CPU, data-lite: phase 8 variants against phase 7, val loss at equal steps
+	$(PYTHON) -m bench.phase8_variants $(ARGS)
+
 clean-checkpoints: ## delete checkpoints/ (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true
