@@ -164,6 +164,22 @@ bench-tt-embedding: $(ENV) ## tensor-train ("HTT") embedding vs dense at equal s
 
 bench-hf: $(ENV) ## GPU: phase hf (Qwen3-0.6B architecture, seq 512) vs the plain loop + torch.compile [LEVERS=1] [MEMORY=1]
 	$(PYTHON) -m bench.hf $(if $(LEVERS),--levers) $(if $(MEMORY),--memory-mode) $(ARGS)
+.PHONY: train-phase8 train-phase8-test chat-phase8 bench-phase8-vs-phase7 bench-phase8-variants
+
+train-phase8: $(ENV) ## phase 8, O(N) linear attention at phase 7's 1.5B dims (GPU)
+	$(TRAIN) configs/phase8_1.5b.yaml $(RESUME) $(ARGS)
+
+train-phase8-test: $(ENV) ## tiny phase 8 (linear attention) model on data-lite (CPU, ~3 min)
+	$(TRAIN) configs/phase8_test.yaml $(RESUME) $(ARGS)
+
+chat-phase8: $(ENV) ## chat with CHECKPOINT, or the best/final/latest in checkpoints/phase8_1.5b
+	$(PYTHON) -m engine.chat $(or $(CHECKPOINT),checkpoints/phase8_1.5b) $(ARGS)
+
+bench-phase8-vs-phase7: $(ENV) ## training step tok/s + peak memory at S=1k..32k, crossover (GPU) [MIXER=1] [CPU=1]
+	$(PYTHON) -m bench.phase8_vs_phase7 $(if $(CPU),--cpu) $(if $(MIXER),--mixer) $(ARGS)
+
+bench-phase8-variants: $(ENV) ## CPU, data-lite: phase 8 variants against phase 7, val loss at equal steps
+	$(PYTHON) -m bench.phase8_variants $(ARGS)
 
 clean-checkpoints: ## delete checkpoints/ (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true

@@ -80,9 +80,11 @@ def linear_attention_chunked_torch(q, k, v, g, scale=None, initial_state=None, o
     contributions = (k_ * torch.exp(b_last - b)[..., None]).transpose(-1, -2) @ v_  # each chunk's k^T v to its end
     state = q_.new_zeros((B, H, K, v.shape[-1])) if initial_state is None else initial_state.to(compute)
     starts = []
-    for c in range(q_.shape[2]):
+    # unbind, not indexing: the backward of each index would write a zero tensor the size of all chunks,
+    # making the loop's backward quadratic in the length
+    for decay_c, contribution_c in zip(torch.exp(b_last).unbind(2), contributions.unbind(2)):
         starts.append(state)
-        state = torch.exp(b_last[:, :, c, :, None]) * state + contributions[:, :, c]
+        state = decay_c[..., None] * state + contribution_c
     o = scale * ((q_ * torch.exp(b)[..., None]) @ torch.stack(starts, 2) + inside)
     o = o.movedim(1, 3).flatten(1, 2)[:, :T].to(q.dtype)
     return (o, state) if output_final_state else o
