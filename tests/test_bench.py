@@ -81,3 +81,13 @@ def test_adam8bit_reports_each_optimizer_against_the_fp32_reference(capsys):
                 assert float(relative.rstrip("%")) == pytest.approx(100 * (float(loss) / float(ref) - 1), abs=0.02)
     ours = rows["ours (memory mode)"]
     assert ours[0] != reference[0]  # 8-bit states and bf16 weights: not the same run
+
+
+def test_gpu_check_script_parses_and_refuses_an_unknown_step(tmp_path):
+    import os
+
+    script = f"{ROOT}/scripts/gpu_check.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    result = subprocess.run([script, "bogus"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OUT": str(tmp_path)})
+    assert result.returncode == 2 and "unknown step 'bogus'" in result.stdout
