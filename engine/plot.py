@@ -23,7 +23,7 @@ from engine.checkpoint import atomic_write_bytes
 from engine.cli import run_cli
 
 LOG = "training_log.json"
-EMA_DECAY = 0.9  # averages over about the last 10 log steps
+MAX_SMOOTHING = 100  # the EMA averages over at most this many log steps (fewer on short runs: see ema_decay)
 X_LABELS = {"step": "step", "tokens": "tokens", "flops": "training FLOPs (6 N D)"}
 # group: (record key, y label, y scale, title)
 GROUPS = {
@@ -77,7 +77,14 @@ def find_runs(folder: Path) -> list[Run]:
     return runs
 
 
-def ema(values: list[float], decay: float = EMA_DECAY) -> list[float]:
+def ema_decay(points: int) -> float:
+    """An EMA over about a tenth of the curve (1 to MAX_SMOOTHING points): a fixed window of 10 lags a
+    15-point curve of a short run far behind its raw loss."""
+    window = min(MAX_SMOOTHING, max(1.0, points / 10))
+    return 1 - 1 / window
+
+
+def ema(values: list[float], decay: float) -> list[float]:
     """Exponential moving average, debiased so that the first points are not pulled towards 0."""
     smoothed, average = [], 0.0
     for i, value in enumerate(values, 1):
@@ -108,7 +115,7 @@ def run_colors(plt, n: int) -> list:
 def draw_loss(ax, log: list[dict], x: str, label: str, color) -> None:
     xs, losses = series(log, x, "loss")
     ax.plot(xs, losses, color=color, alpha=0.25, linewidth=0.8)
-    ax.plot(xs, ema(losses), color=color, label=label)
+    ax.plot(xs, ema(losses, ema_decay(len(losses))), color=color, label=label)
     val_xs, val_losses = series(log, x, "val_loss")
     if val_xs:
         ax.plot(val_xs, val_losses, "o--", color=color, markersize=4, linewidth=0.8, label=f"{label} (val)")

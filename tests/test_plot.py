@@ -117,3 +117,13 @@ def test_save_loss_plot_writes_loss_png_or_returns_none_without_matplotlib(tmp_p
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     assert plot.save_loss_plot(tmp_path, fake_log()) is None
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_smoothing_follows_the_length_of_the_curve():
+    from engine.plot import ema, ema_decay
+
+    assert ema_decay(10) == 0.0 and ema(list(range(10)), ema_decay(10)) == list(range(10))  # short: raw
+    assert 13 < ema(list(range(15)), ema_decay(15))[-1] < 14  # a 15-point curve lags under a point
+    assert ema_decay(500) == pytest.approx(0.98) and ema_decay(10**6) == pytest.approx(0.99)
+    falling = [10 - i / 100 for i in range(500)]
+    assert abs(ema(falling, ema_decay(500))[-1] - falling[-1]) < 0.6  # lags ~50 points of a 500-point curve
