@@ -173,7 +173,8 @@ def compare(out: Path, phase: str, reference: str) -> None:
     summary = (f"geometric mean over {reference}'s budgets: **{gap}**" if factors else
                f"not measurable: {phase}'s frontier needs 2 budgets or more and a loss that falls with compute")
     text = (f"# {phase} against {reference}: compute to reach the same loss\n\n"
-            f"{phase} frontier fit: {fit_text(fits[phase])}\n\n{reference} frontier fit: {fit_text(fits[reference])}\n\n"
+            f"{phase} frontier fit: {fit_text(fits[phase])}\n\n"
+            f"{reference} frontier fit: {fit_text(fits[reference])}\n\n"
             f"For each {reference} frontier point (budget C, loss L), `phase_flops` is the compute at which {phase}'s"
             " fitted law reaches L and `gap` = phase_flops / C. Each loss is its phase's validation loss: for a"
             " masked diffusion LM an upper bound on NLL, for a causal LM the exact NLL, as in SMDM (which reports"

@@ -4,7 +4,6 @@ interpreter), training, exact resume, export round trip, chat, and the one-line 
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from engine.config import ConfigError, config_from_dict, load_config  # noqa: E4
 from engine.sampling import SamplingSettings  # noqa: E402
 from engine.train import Trainer  # noqa: E402
 from phases.hf import build_model, generate, next_token_loss  # noqa: E402
+from tests.resume_check import assert_resume_is_exact, logged  # noqa: E402
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 VOCAB = 300
@@ -159,34 +159,12 @@ def test_only_rms_norms_that_compute_llamas_are_swapped():
 
 def test_training_lowers_the_loss_and_resume_is_exact(tiny_qwen3, markov_data, tmp_path):
     def run(name, *extra):
-        cfg = load_config(None, RUN + [f"model_name={tiny_qwen3}", f"data={markov_data}", "max_steps=6",
-                                       f"out_dir={tmp_path / name}", *extra])
-        return Trainer(cfg)
+        return Trainer(load_config(None, RUN + [f"model_name={tiny_qwen3}", f"data={markov_data}", "max_steps=6",
+                                                f"out_dir={tmp_path / name}", *extra]))
 
-    run("straight").fit()
-    interrupted = run("resumed")
-    real_step = interrupted.train_step
-
-    def crash_after_step_3():
-        if interrupted.step == 3:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_after_step_3
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    run("resumed", f"resume={tmp_path / 'resumed' / 'hf_step_3.pt'}").fit()
-
-    def log(name):
-        return [(r["step"], r["loss"], r.get("val_loss")) for r in
-                json.loads((tmp_path / name / "training_log.json").read_text())]
-
-    straight = log("straight")
-    assert straight == log("resumed")
+    a, _ = assert_resume_is_exact(run, tmp_path, "hf")
+    straight = logged(tmp_path / "straight")
     assert straight[-1][2] < straight[2][2] and straight[-1][2] < straight[0][1] - 1.0  # from ln 300 = 5.7
-    a = load_checkpoint(tmp_path / "straight" / "hf_final.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "hf_final.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["tokenizer"] == tiny_qwen3 and a["config"]["vocab_size"] == VOCAB  # both followed the model
 
 

@@ -10,20 +10,19 @@ if not torch.cuda.is_available():  # as tests/test_linear_attention.py: before k
     os.environ["TRITON_INTERPRET"] = "1"
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 from engine.sampling import SamplingSettings  # noqa: E402
 from engine.train import Trainer  # noqa: E402
-from phases.phase8 import build_model, generate, next_token_loss  # noqa: E402
+from phases.phase8 import build_model, generate  # noqa: E402
 from phases.phase8.model import (GatedLinearAttention, LinearTransformer, RecurrentState,  # noqa: E402
                                  sliding_window_attention)
+from tests.resume_check import assert_resume_is_exact  # noqa: E402
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 # n_seq 80 crosses a 64-position chunk; window 8 cuts it into several blocks
@@ -131,31 +130,8 @@ SMALL = ["phase=phase8", "data=dummy", "vocab_size=64", "n_seq=16", "d_model=32"
 
 
 def test_resume_is_exact(tmp_path):
-    """tests/test_train.py's pattern: a run stopped after step 3 and resumed logs what an unstopped one does."""
-    def losses(name):
-        return [(r["step"], r["loss"], r.get("val_loss")) for r in
-                json.loads((tmp_path / name / "training_log.json").read_text())]
-
-    def trainer(name, *extra):
-        return Trainer(load_config(None, SMALL + [f"out_dir={tmp_path / name}", "max_steps=6", *extra]))
-
-    trainer("straight").fit()
-    interrupted = trainer("resumed")
-    real_step = interrupted.train_step
-
-    def crash_after_step_3():
-        if interrupted.step == 3:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_after_step_3
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    trainer("resumed", f"resume={tmp_path / 'resumed' / 'phase8_step_3.pt'}").fit()
-    assert losses("straight") == losses("resumed")
-    a = load_checkpoint(tmp_path / "straight" / "phase8_final.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "phase8_final.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(lambda run, *extra: Trainer(load_config(None, SMALL + [
+        f"out_dir={tmp_path / run}", "max_steps=6", *extra])), tmp_path, "phase8")
 
 
 def test_chat_over_stdin_on_a_phase8_checkpoint(tmp_path):

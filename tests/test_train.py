@@ -13,6 +13,7 @@ import torch
 from engine.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
 from engine.config import load_config
 from engine.train import Trainer, TrainingError, lr_at
+from tests.resume_check import assert_resume_is_exact
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 TINY = ["data=dummy", "vocab_size=64", "n_seq=16", "d_model=32", "n_heads=2", "n_layers=2", "ffn_dim=64",
@@ -52,25 +53,8 @@ def test_run_writes_log_checkpoints_and_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("phase", ["phase7", "mdm"])  # mdm also draws its noise from the saved RNG state
 def test_resume_is_exact(tmp_path, phase):
-    train(tmp_path, "max_steps=6", f"phase={phase}", run="straight")
-    interrupted = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'resumed'}", "max_steps=6",
-                                                    f"phase={phase}"]))
-    real_step = interrupted.train_step
-
-    def crash_after_step_3():
-        if interrupted.step == 3:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_after_step_3
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    train(tmp_path, "max_steps=6", f"phase={phase}", f"resume={tmp_path / 'resumed' / f'{phase}_step_3.pt'}",
-          run="resumed")
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    a = load_checkpoint(tmp_path / "straight" / f"{phase}_final.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / f"{phase}_final.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(lambda run, *extra: Trainer(load_config(None, TINY + [
+        f"out_dir={tmp_path / run}", "max_steps=6", f"phase={phase}", *extra])), tmp_path, phase)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

@@ -7,12 +7,13 @@ import sys
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, check_compatible, save_checkpoint
 from engine.config import ConfigError, config_from_dict, load_config
 from engine.sampling import SamplingSettings
 from phases.phase7 import build_model, next_token_loss
 from phases.phase7.tt_embedding import TTEmbedding, dim_factors, tt_param_count, vocab_factors
-from tests.test_train import TINY, losses, train
+from tests.resume_check import assert_resume_is_exact
+from tests.test_train import TINY, train
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 MODEL = ["vocab_size=97", "d_model=64", "n_heads=4", "n_layers=2", "n_seq=40", "ffn_dim=96"]
@@ -182,25 +183,9 @@ def test_mdm_with_a_tied_tt_embedding_samples_without_the_mask_token():
 def test_a_tt_run_resumes_exactly(tmp_path, phase, extra):
     from engine.train import Trainer
 
-    args = ["max_steps=6", f"phase={phase}", *extra]
-    train(tmp_path, *args, run="straight")
-    interrupted = Trainer(load_config(None, TINY + [f"out_dir={tmp_path / 'resumed'}", *args]))
-    real_step = interrupted.train_step
-
-    def crash_after_step_3():
-        if interrupted.step == 3:
-            raise KeyboardInterrupt
-        return real_step()
-
-    interrupted.train_step = crash_after_step_3
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
-    train(tmp_path, *args, f"resume={tmp_path / 'resumed' / f'{phase}_step_3.pt'}", run="resumed")
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    a = load_checkpoint(tmp_path / "straight" / f"{phase}_final.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / f"{phase}_final.pt")["model"]
-    assert "embed_tokens.core2" in a and ("lm_head.weight" in a) == ("tie_embeddings=true" not in extra)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, _ = assert_resume_is_exact(lambda run, *more: Trainer(load_config(None, TINY + [
+        f"out_dir={tmp_path / run}", "max_steps=6", f"phase={phase}", *extra, *more])), tmp_path, phase)
+    assert "embed_tokens.core2" in a["model"] and ("lm_head.weight" in a["model"]) == ("tie_embeddings=true" not in extra)
 
 
 def test_memory_mode_updates_tied_tt_cores_once_per_step(tmp_path):

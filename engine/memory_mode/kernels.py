@@ -6,7 +6,7 @@ Checked against the PyTorch code in codec.py and optimizer.py under TRITON_INTER
 import triton
 import triton.language as tl
 
-from engine.memory_mode.codec import BLOCK, EXPONENT_BIAS, SIGNED_MANTISSA_BITS, UNSIGNED_MANTISSA_BITS
+from engine.memory_mode.codec import EXPONENT_BIAS, SIGNED_MANTISSA_BITS, UNSIGNED_MANTISSA_BITS
 
 _BIAS: tl.constexpr = tl.constexpr(EXPONENT_BIAS)
 SIGNED_BITS: tl.constexpr = tl.constexpr(SIGNED_MANTISSA_BITS)
