@@ -37,3 +37,20 @@ def sample(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     logits = filter_logits(logits.float() / settings.temperature, settings.top_k, settings.top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+
+
+def sample_tokens(logits: torch.Tensor, next_logits, settings: SamplingSettings, budget: int,
+                  on_token=None) -> list[torch.Tensor]:
+    """The autoregressive loop shared by samplers with a cache: sample from `logits` (B, V), hand each token to
+    on_token, stop at EOS or after `budget` tokens; next_logits(token (B,)) feeds a token and returns the
+    next logits. Returns the tokens sampled."""
+    tokens = []
+    for _ in range(budget):
+        token = sample(logits, settings)
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(tokens) == budget or (settings.eos_id is not None and bool((token == settings.eos_id).all())):
+            break
+        logits = next_logits(token)
+    return tokens

@@ -10,7 +10,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from engine.sampling import SamplingSettings, sample
+from engine.sampling import SamplingSettings, sample_tokens
 from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
 from phases.hf.config import SHAPE_KEYS, HFConfig, fill_from_model
@@ -48,16 +48,8 @@ def generate(model: HFCausalLM, prompt: torch.Tensor, settings: SamplingSettings
     budget = min(settings.max_new_tokens, max_len - 1)
     prompt = prompt[:, -(max_len - budget):]  # keep the prompt's tail when it would not fit
     cache = DynamicCache(config=model.hf.config)
-    logits = decode(model, prompt, cache)
-    new_ids = []
-    for _ in range(budget):
-        token = sample(logits, settings)
-        new_ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if settings.eos_id is not None and bool((token == settings.eos_id).all()):
-            break
-        logits = decode(model, token[:, None], cache)
+    new_ids = sample_tokens(decode(model, prompt, cache), lambda token: decode(model, token[:, None], cache),
+                            settings, budget, on_token)
     return torch.stack(new_ids, dim=1) if new_ids else prompt[:, :0]
 
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from engine.sampling import SamplingSettings, sample
+from engine.sampling import SamplingSettings, sample_tokens
 from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
 from phases.phase7.config import SHAPE_KEYS, Phase7Config, model_args
@@ -33,17 +33,16 @@ def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSetting
     prompt = prompt[:, -(max_len - budget):]  # keep the prompt's tail when it would not fit
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + budget)
     head = model.output_weight()  # once per call: a tied TT head is materialised here, not at every token
-    logits = F.linear(model.hidden_states(prompt, cache=cache, start=0)[:, -1], head)
-    position, new_ids = prompt.shape[1], []
-    for _ in range(budget):
-        token = sample(logits, settings)
-        new_ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if settings.eos_id is not None and bool((token == settings.eos_id).all()):
-            break
+    position = prompt.shape[1]
+
+    def next_logits(token):
+        nonlocal position
         logits = F.linear(model.hidden_states(token[:, None], cache=cache, start=position)[:, -1], head)
         position += 1
+        return logits
+
+    first = F.linear(model.hidden_states(prompt, cache=cache, start=0)[:, -1], head)
+    new_ids = sample_tokens(first, next_logits, settings, budget, on_token)
     return torch.stack(new_ids, dim=1) if new_ids else prompt[:, :0]
 
 

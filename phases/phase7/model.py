@@ -151,8 +151,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.d_model, bias=False)
 
-    def forward(self, x, rope, cache: KVCache | None = None, start: int = 0):
-        """x (B, S, d); rope = (cos, sin) of positions start..start+S-1; cache: this layer's, when decoding."""
+    def project(self, x, rope):
+        """q, k, v (B, S, heads, head_dim) of x (B, S, d), RoPE applied to q and k."""
         B, S, _ = x.shape
         cos, sin = rope
         if self.fused and self.training:
@@ -161,7 +161,12 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        return q, k, v.view(B, S, self.n_kv_heads, self.head_dim)
+
+    def forward(self, x, rope, cache: KVCache | None = None, start: int = 0):
+        """x (B, S, d); rope = (cos, sin) of positions start..start+S-1; cache: this layer's, when decoding."""
+        B, S, _ = x.shape
+        q, k, v = self.project(x, rope)
         mask = None
         if cache is not None:
             k, v = cache.update(start, k, v)

@@ -19,7 +19,7 @@ from torch import nn
 
 from kernels.linear_attention_torch import CHUNK, linear_attention_chunked_torch, linear_attention_step
 from kernels.support import interpreter_requested
-from phases.phase7.model import Attention, ModelArgs, RMSNorm, Transformer, apply_rope, attention, \
+from phases.phase7.model import Attention, ModelArgs, RMSNorm, Transformer, attention, \
     fused_linear, rope_tables
 
 # Mamba-2's initial ranges: the decay rate A per head, and the step dt, log-uniform (see reset_decay).
@@ -237,14 +237,7 @@ class SlidingWindowAttention(Attention):
 
     def forward(self, x, rope, cache: WindowKVCache | None = None, start: int = 0):
         B, S, _ = x.shape
-        cos, sin = rope
-        if self.fused and self.training:
-            q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x, rope)
         past = 0
         if cache is not None:
             k, v, past = cache.update(k, v)
