@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from engine.chat import resolve_checkpoint
 from engine.checkpoint import CheckpointError
 from engine.config import load_config
 from engine.train import Trainer
+from tests.tiny_tokenizer import tiny_bpe
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
@@ -17,14 +17,7 @@ ROOT = __file__.rsplit("/tests/", 1)[0]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chat")
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(["to be or not to be, that is the question"] * 20, trainer)
-    from tokenizers import decoders
-    bpe.decoder = decoders.ByteLevel()
-    bpe.save(str(tmp / "tokenizer.json"))
+    tiny_bpe().save(str(tmp / "tokenizer.json"))
     cfg = load_config(None, ["data=dummy", f"tokenizer={tmp / 'tokenizer.json'}", "vocab_size=300", "n_seq=32",
                              "d_model=32", "n_heads=2", "n_layers=1", "ffn_dim=64", "batch_size=2",
                              "max_steps=2", "eval_every=2", "eval_batches=1", f"out_dir={tmp / 'run'}"])

@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before kernels is imported (see tests/test_kernels.py)
 
 import pytest  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from engine.config import ConfigError, config_from_dict, load_config  # noqa: E402
@@ -22,6 +21,7 @@ from engine.sampling import SamplingSettings  # noqa: E402
 from engine.train import Trainer  # noqa: E402
 from phases.hf import build_model, generate, next_token_loss  # noqa: E402
 from tests.resume_check import assert_resume_is_exact, logged  # noqa: E402
+from tests.tiny_tokenizer import tiny_bpe  # noqa: E402
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 VOCAB = 300
@@ -35,13 +35,7 @@ def tiny_qwen3(tmp_path_factory) -> str:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
     folder = tmp_path_factory.mktemp("tiny_qwen3")
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["to be or not to be, that is the question"] * 20,
-                            trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tiny_bpe(VOCAB), eos_token="<|endoftext|>").save_pretrained(folder)
     config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=128,
                          tie_word_embeddings=True)

@@ -135,15 +135,9 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_chat_over_stdin_on_a_phase8_checkpoint(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tests.tiny_tokenizer import tiny_bpe
 
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["to be or not to be, that is the question"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.save(str(tmp_path / "tokenizer.json"))
+    tiny_bpe().save(str(tmp_path / "tokenizer.json"))
     Trainer(load_config(None, ["phase=phase8", "data=dummy", f"tokenizer={tmp_path / 'tokenizer.json'}",
                                "vocab_size=300", "n_seq=32", "d_model=32", "n_heads=2", "n_layers=2", "ffn_dim=64",
                                "batch_size=2", "max_steps=2", "eval_every=2", "eval_batches=1",

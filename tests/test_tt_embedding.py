@@ -195,15 +195,9 @@ def test_memory_mode_updates_tied_tt_cores_once_per_step(tmp_path):
 
 
 def test_chat_loads_a_tied_tt_checkpoint(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tests.tiny_tokenizer import tiny_bpe
 
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["to be or not to be, that is the question"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.save(str(tmp_path / "tokenizer.json"))
+    tiny_bpe().save(str(tmp_path / "tokenizer.json"))
     train(tmp_path, f"tokenizer={tmp_path / 'tokenizer.json'}", "vocab_size=300", "max_steps=2",
           "embedding=tt", "tt_rank=4", "tie_embeddings=true")
     result = subprocess.run([sys.executable, "-m", "engine.chat", str(tmp_path / "run"), "temperature=0",
