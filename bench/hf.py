@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from bench.phase7 import free_gpu, table, time_steps
+from bench.phase7 import free_gpu, table
+from bench.phase7 import measure as measure_step
 from bench.results import record
 from engine.config import load_config
 from engine.optim import build_optimizer
-from engine.train import Trainer, autocast_for, lr_at, peak_flops
+from engine.train import Trainer, autocast_for, lr_at
 
 CONFIG = "configs/hf_qwen3_0.6b.yaml"
 QWEN3_0_6B = {  # Qwen/Qwen3-0.6B's config.json, the dims that decide speed
@@ -53,14 +54,7 @@ def bench_overrides(args) -> list[str]:
 
 
 def measure(name, cfg, model, step, args) -> dict:
-    """tok/s, MFU and peak memory of step() after warm-up (compilation happens in warm-up)."""
-    torch.cuda.reset_peak_memory_stats()
-    seconds = time_steps(step, args.warmup, args.steps)
-    tok_per_s = cfg.batch_size * cfg.n_seq / seconds
-    peak = peak_flops(torch.device("cuda"))
-    return {"name": name, "tok_per_s": tok_per_s, "mfu": tok_per_s * model.flops_per_token(cfg.n_seq) / peak
-            if peak else None, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "n_layers": len(model.layers)}
+    return measure_step(name, cfg, model.flops_per_token(cfg.n_seq), len(model.layers), step, args)
 
 
 def run_ours(args, switches=(), name="ours (phase hf)") -> dict:

@@ -69,7 +69,8 @@ def run_ours(args, n_layers=None, switches=(), name=None) -> dict:
         trainer.optimizer.apply()
 
     name = name or ("ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)")
-    return measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), step, args)
+    return measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), trainer.cfg.n_layers, step,
+                   args)
 
 
 def run_levers(args) -> list[dict]:
@@ -140,16 +141,17 @@ def run_peer(args) -> dict:
         optimizer.end_step()  # clips, as our loop does
         optimizer.apply()
 
-    return measure("HF Llama + torch.compile", cfg, flops, step, args)
+    return measure("HF Llama + torch.compile", cfg, flops, cfg.n_layers, step, args)
 
 
-def measure(name, cfg, flops_per_token, step, args) -> dict:
+def measure(name, cfg, flops_per_token, n_layers, step, args) -> dict:
+    """tok/s, MFU and peak memory of step() after warm-up (compilation happens in warm-up)."""
     torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, args.warmup, args.steps)
     tok_per_s = cfg.batch_size * cfg.n_seq / seconds
     peak = peak_flops(torch.device("cuda"))
     return {"name": name, "tok_per_s": tok_per_s, "mfu": tok_per_s * flops_per_token / peak if peak else None,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_layers": cfg.n_layers}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_layers": n_layers}
 
 
 def deepest_that_fits(args) -> int:

@@ -20,7 +20,6 @@ Three modes, each appending its table to bench/RESULTS.md:
 """
 
 import argparse
-import gc
 import math
 import statistics
 import sys
@@ -29,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.phase7 import free_gpu
 from bench.results import record
 
 RECIPES = {"phase7": "configs/phase7_1.5b_triton.yaml", "phase8": "configs/phase8_1.5b.yaml"}
@@ -97,12 +97,6 @@ def run_cpu(args) -> str:
 
 
 # --- GPU: training steps of both phases ----------------------------------------------------------------
-
-def free_gpu() -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-
 
 def step_overrides(seq: int, tokens: int, extra: list[str]) -> list[str]:
     """Both recipes at n_seq = seq and `tokens` per step in one micro-batch, on dummy data, saving nothing."""

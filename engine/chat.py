@@ -30,18 +30,6 @@ def set_setting(settings: SamplingSettings, key: str, value: str) -> None:
         raise ConfigError(f"setting '{key}' expects {SETTING_TYPES[key].__name__}, got '{value}'") from None
 
 
-def resolve_checkpoint(path: str) -> Path:
-    if not path:
-        raise ckpt.CheckpointError("no checkpoint given: CHECKPOINT=<file.pt, checkpoint folder or run folder>")
-    target = Path(path)
-    if target.is_dir() and not ckpt.is_distributed_checkpoint(target):  # a run folder, not a checkpoint folder
-        found = ckpt.find_latest(target)
-        if found is None:
-            raise ckpt.CheckpointError(f"no checkpoint in {target}/: train first (e.g. `make train-phase7-test`)")
-        return found
-    return target
-
-
 class StreamPrinter:
     """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 tail."""
 
@@ -111,7 +99,7 @@ def main(argv: list[str]) -> None:
     settings = SamplingSettings()
     for key, value in options.items():
         set_setting(settings, key, value)
-    chat = Chat(resolve_checkpoint(path), device)
+    chat = Chat(ckpt.resolve_checkpoint(path), device)
     settings.eos_id = chat.tokenizer.eos_token_id
     if seed is not None:
         torch.manual_seed(int(seed))

@@ -129,6 +129,19 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def resolve_checkpoint(path: str) -> Path:
+    """The checkpoint a user named: a .pt file, a checkpoint folder, or a run folder's best/final/latest."""
+    if not path:
+        raise CheckpointError("no checkpoint given: CHECKPOINT=<file.pt, checkpoint folder or run folder>")
+    target = Path(path)
+    if target.is_dir() and not is_distributed_checkpoint(target):  # a run folder, not a checkpoint folder
+        found = find_latest(target)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {target}/: train first (e.g. `make train-phase7-test`)")
+        return found
+    return target
+
+
 # --- resume=auto --------------------------------------------------------------------------------------------
 
 LATEST = "latest"  # names the newest complete checkpoint of a run on several ranks; written after it

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from engine.chat import resolve_checkpoint
+from engine.checkpoint import resolve_checkpoint
 from engine.checkpoint import CheckpointError
 from engine.config import load_config
 from engine.train import Trainer

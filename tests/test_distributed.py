@@ -124,7 +124,7 @@ def test_a_rank_killed_mid_save_leaves_latest_valid_and_resume_auto_continues_ex
 
 
 def test_chat_export_and_consolidate_read_checkpoint_folders(two_ranks, tmp_path):
-    from engine.chat import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from phases import get_phase
 
     run, _ = two_ranks

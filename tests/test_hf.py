@@ -192,7 +192,8 @@ def test_export_gives_a_folder_from_pretrained_loads_with_equal_logits(trained_r
 
 
 def test_chat_finds_the_models_tokenizer_and_decodes_as_transformers_does(trained_run):
-    from engine.chat import Chat, resolve_checkpoint
+    from engine.chat import Chat
+    from engine.checkpoint import resolve_checkpoint
 
     chat = Chat(resolve_checkpoint(trained_run), "cpu")
     greedy = SamplingSettings(temperature=0, max_new_tokens=6)
@@ -246,12 +247,12 @@ def test_bench_hf_runs_its_rows_on_a_cpu_stand_in(tiny_qwen3, monkeypatch, capsy
     """The GPU benchmark's code, timed on CPU with CUDA's calls stubbed: GPU time is scarce, bugs should not
     spend it."""
     import phases.hf.config
-    from bench import hf
+    from bench import hf, phase7
 
     for name, value in {"is_available": lambda: True, "synchronize": lambda: None, "empty_cache": lambda: None,
                         "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 2**30}.items():
         monkeypatch.setattr(torch.cuda, name, value)
-    monkeypatch.setattr(hf, "peak_flops", lambda device: None)
+    monkeypatch.setattr(phase7, "peak_flops", lambda device: None)  # bench.hf measures with bench.phase7's
     monkeypatch.setattr(torch, "compile", lambda model: model)  # inductor on CPU would take minutes
     monkeypatch.setattr(phases.hf.config, "triton_available", lambda *a: False)  # not the interpreter's pace
     recorded = []
