@@ -23,10 +23,10 @@ import torch
 from bench.phase7 import free_gpu
 from bench.results import record
 from engine.cli import run_cli
-from engine.config import load_config
 from engine.memory_mode.optimizer import prepare_model_for_memory_mode
 from engine.optim import AfterBackward, decay_groups
 from engine.train import Trainer
+from phases import load_config
 
 CONFIG = "configs/phase7_test.yaml"
 

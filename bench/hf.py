@@ -24,9 +24,9 @@ import torch
 from bench.phase7 import free_gpu, table
 from bench.phase7 import measure as measure_step
 from bench.results import record
-from engine.config import load_config
 from engine.optim import build_optimizer
 from engine.train import Trainer, autocast_for, lr_at
+from phases import load_config
 
 CONFIG = "configs/hf_qwen3_0.6b.yaml"
 QWEN3_0_6B = {  # Qwen/Qwen3-0.6B's config.json, the dims that decide speed

@@ -20,10 +20,10 @@ import time
 import torch
 
 from bench.results import record
-from engine.config import load_config
 from engine.distributed import shutdown
 from engine.optim import build_optimizer
 from engine.train import Trainer, autocast_for, lr_at, peak_flops
+from phases import load_config
 from phases.phase7.model import dense_flops_per_token
 
 CONFIG = "configs/phase7_1.5b_triton.yaml"

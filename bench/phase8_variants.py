@@ -16,8 +16,8 @@ import time
 import torch
 
 from bench.results import record
-from engine.config import load_config
 from engine.train import Trainer
+from phases import load_config
 
 PHASE7 = "configs/phase7_test.yaml"
 PHASE8 = "configs/phase8_test.yaml"

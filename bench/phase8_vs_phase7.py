@@ -107,8 +107,8 @@ def step_overrides(seq: int, tokens: int, extra: list[str]) -> list[str]:
 
 def time_training_step(phase: str, seq: int, args) -> dict:
     """tok/s and peak GiB of one optimizer step; {'oom': True} when it does not fit."""
-    from engine.config import load_config
     from engine.train import Trainer
+    from phases import load_config
 
     trainer = None
     torch.cuda.reset_peak_memory_stats()

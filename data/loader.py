@@ -1,89 +1,19 @@
-"""Training data as a pure function: `open_data(...).batch(first, count)` (windows first..first+count-1)
-depends only on (seed, split, window numbers), so resuming at any window continues the same stream and no
-reader state is saved.
-
-Window j of a split starts at a position hashed from (seed, split, j): a counter-based draw, so the stream
-does not depend on how it is cut into batches either.
-Windows are n_seq+1 tokens and may cross document (EOS) and shard boundaries.
+"""`open_data(spec, ...)`: the token stream a data spec names (data/stream.py says what a stream is). Dummy
+tokens and packed-shard folders are read here; text files and hub datasets in data/onthefly.py; a recipe's
+mixture of sources in data/recipe.py, each source opened here again.
 """
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # torch is imported where a batch is made, so the data commands start without it
-    import torch
+from data.meta import read_meta, real_token_counts
+from data.onthefly import hf_stream, text_stream
+from data.packed import ShardError, open_shard
+from data.recipe import MixtureStream, check_one_tokenizer, load_recipe
+from data.stream import DataError, TokenStream, Windows, mix64, split_id
 
-SPLITS = {"train": 0, "val": 1, "validation": 1}
 DUMMY_TOKENS = 1 << 20  # the dummy corpus: big enough that tiny runs never repeat a window exactly
-MASK64 = (1 << 64) - 1
-
-
-class DataError(Exception):
-    """One-line, user-facing message naming the problem and the fix."""
-
-
-def mix64(*keys) -> np.ndarray:
-    """splitmix64 over the keys (ints or uint64 arrays): a counter-based hash, identical on every platform."""
-    x = np.uint64(0)
-    with np.errstate(over="ignore"):  # wrap-around is the point
-        for key in keys:
-            x = x ^ (np.asarray(key, dtype=np.uint64) if np.ndim(key) else np.uint64(int(key) & MASK64))
-            x = x + np.uint64(0x9E3779B97F4A7C15)
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x = x ^ (x >> np.uint64(31))
-    return x
-
-
-def split_id(split: str) -> int:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}: use one of train, val")
-    return SPLITS[split]
-
-
-class Windows:
-    """A stream that can produce window number j; batches are the same for every kind of stream."""
-
-    def windows(self, j: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def batch(self, first: int, count: int) -> "torch.LongTensor":
-        """Windows first..first+count-1 as a (count, n_seq + 1) tensor."""
-        import torch
-
-        return torch.from_numpy(self.windows(first + np.arange(count, dtype=np.int64)))
-
-
-class TokenStream(Windows):
-    """Random windows over a token sequence stored as one or more arrays (memory maps or in memory)."""
-
-    def __init__(self, arrays: list[np.ndarray], n_seq: int, seed: int, split: str, vocab_size: int, name: str):
-        self.arrays = [a for a in arrays if len(a)]
-        self.ends = np.cumsum([len(a) for a in self.arrays], dtype=np.int64)
-        self.num_tokens = int(self.ends[-1]) if self.arrays else 0
-        self.n_seq, self.seed, self.split_id, self.vocab_size = n_seq, seed, split_id(split), vocab_size
-        if self.num_tokens < n_seq + 1:
-            raise DataError(f"{name} has {self.num_tokens} {split} tokens, fewer than one window of n_seq+1="
-                            f"{n_seq + 1}: lower n_seq or add {split} data")
-
-    def windows(self, j: np.ndarray) -> np.ndarray:
-        """Windows number j (int64 array), shape (len(j), n_seq+1)."""
-        starts = mix64(self.seed, self.split_id, j.astype(np.uint64)) % np.uint64(self.num_tokens - self.n_seq)
-        return np.stack([self._read(int(s)) for s in starts]) if len(j) else np.empty((0, self.n_seq + 1), np.int64)
-
-    def _read(self, start: int) -> np.ndarray:
-        """n_seq+1 tokens from `start`, stitched across arrays when a window crosses a boundary."""
-        out = np.empty(self.n_seq + 1, dtype=np.int64)
-        filled, i = 0, int(np.searchsorted(self.ends, start, side="right"))
-        while filled < len(out):
-            begin = start + filled - (self.ends[i - 1] if i else 0)
-            piece = self.arrays[i][begin:begin + len(out) - filled]
-            out[filled:filled + len(piece)] = piece
-            filled += len(piece)
-            i += 1
-        return out
 
 
 def dummy_stream(n_seq: int, seed: int, split: str, vocab_size: int) -> TokenStream:
@@ -96,9 +26,6 @@ def dummy_stream(n_seq: int, seed: int, split: str, vocab_size: int) -> TokenStr
 def packed_stream(folder: Path, n_seq: int, seed: int, split: str, vocab_size: int) -> TokenStream:
     """Memory-map a split's shards (files starting with the split name); meta.json, when present, gives the
     tokenizer's vocabulary and each shard's real token count (the sep padding of a last shard is dropped)."""
-    from data.meta import read_meta, real_token_counts
-    from data.packed import ShardError, open_shard
-
     prefix = "train" if split_id(split) == 0 else "val"
     paths = sorted(p for p in Path(folder).glob("*.bin") if p.name.startswith(prefix))
     if not paths:
@@ -118,6 +45,14 @@ def missing(spec: str) -> DataError:
     return DataError(f"{spec} not found: check the path, or build it with `make data SOURCE=... DEST={spec}`")
 
 
+def mixture_stream(path: Path, split: str, n_seq: int, seed: int, vocab_size: int, tokenizer: str) -> MixtureStream:
+    """A recipe's sources, each opened as open_data opens any source, drawn by weight window by window."""
+    sources = load_recipe(path)
+    check_one_tokenizer([p for p, _ in sources])
+    streams = [open_data(p, split, n_seq, seed, vocab_size, tokenizer) for p, _ in sources]
+    return MixtureStream(streams, [w for _, w in sources], seed, split)
+
+
 def open_data(spec: str, split: str, n_seq: int, seed: int, vocab_size: int, tokenizer: str = "") -> Windows:
     """The token stream named by `spec`:
     dummy | a packed-shard folder | a recipe .yaml | hf:<name>[:<config>] |
@@ -127,15 +62,12 @@ def open_data(spec: str, split: str, n_seq: int, seed: int, vocab_size: int, tok
     if spec == "dummy":
         return dummy_stream(n_seq, seed, split, vocab_size)
     if spec.startswith("hf:"):
-        from data.onthefly import hf_stream
         return hf_stream(spec[3:], split, n_seq, seed, tokenizer)
     path = Path(spec)
     if not path.exists():
         raise missing(spec)
     if path.suffix in (".yaml", ".yml"):
-        from data.recipe import mixture_stream
         return mixture_stream(path, split, n_seq, seed, vocab_size, tokenizer)
     if path.is_dir() and any(path.glob("*.bin")):
         return packed_stream(path, n_seq, seed, split, vocab_size)
-    from data.onthefly import text_stream
     return text_stream(path, split, n_seq, seed, tokenizer)

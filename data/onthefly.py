@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from data.hub import hub_reachable
-from data.loader import DataError, TokenStream
+from data.stream import DataError, TokenStream
 from data.pack import pack_documents
 from data.sources import BadInput, Issues, file_documents, hf_documents, input_files
 from data.tokenizer import load_tokenizer, tokenizer_sha1

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.cli import run
 from data.hub import hub_reachable
-from data.loader import DataError
+from data.stream import DataError
 from data.meta import read_meta, summarize_split, write_meta
 from data.pack import pack_documents
 from data.packed import ShardWriter, token_dtype

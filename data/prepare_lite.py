@@ -11,7 +11,7 @@ from pathlib import Path
 from data.bpe import save_tokenizer, train_bpe
 from data.cli import run
 from data.lite_corpus import load_corpus
-from data.loader import DataError
+from data.stream import DataError
 from data.meta import read_meta, real_token_counts, summarize_split, write_meta
 from data.pack import pack_documents
 from data.packed import ShardWriter, token_dtype

@@ -15,8 +15,8 @@ import numpy as np
 import yaml
 
 from data.cli import run
-from data.loader import DataError, Windows, mix64, split_id
 from data.meta import read_meta
+from data.stream import DataError, Windows, mix64, split_id
 
 DEFAULT_OUT = "configs/recipes/mixture.yaml"
 MIX_KEY = 0x3A17  # separates the source draw from the window-start draw of the same window number
@@ -93,15 +93,6 @@ def check_one_tokenizer(paths: list[str]) -> None:
     if len({sha for sha in seen.values() if sha}) > 1:
         raise DataError("recipe sources were tokenized with different tokenizers: "
                         + ", ".join(f"{p} ({read_meta(Path(p)).get('tokenizer')})" for p in seen))
-
-
-def mixture_stream(path: Path, split: str, n_seq: int, seed: int, vocab_size: int, tokenizer: str) -> MixtureStream:
-    from data.loader import open_data
-
-    sources = load_recipe(path)
-    check_one_tokenizer([p for p, _ in sources])
-    streams = [open_data(p, split, n_seq, seed, vocab_size, tokenizer) for p, _ in sources]
-    return MixtureStream(streams, [w for _, w in sources], seed, split)
 
 
 def ask_sources() -> list[tuple[str, float]]:

@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 
 from data.hub import hub_reachable
-from data.loader import DataError
+from data.stream import DataError
 
 EOS = "<|endoftext|>"  # the EOS of tokenizers trained here (data-lite)
 

@@ -13,9 +13,9 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.cli import run_cli
-from engine.config import ConfigError, config_from_dict, parse_overrides
+from engine.config import ConfigError, parse_overrides
 from engine.sampling import SamplingSettings
-from phases import get_phase
+from phases import config_from_dict, get_phase
 
 HELP = "commands: /set KEY VALUE (temperature, top_k, top_p, max_new_tokens, steps), /settings, /quit"
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(SamplingSettings) if f.name != "eos_id"}

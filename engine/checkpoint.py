@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Config, config_from_dict
-from phases import get_phase
+from engine.config import Config
+from engine.errors import UserError
+from phases import config_from_dict, get_phase
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or belongs to another model; the message says what to do."""
 
 

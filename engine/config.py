@@ -2,7 +2,8 @@
 
 `Config` holds the engine's keys (run, data, optimisation, logging). A phase adds its own (model shape,
 objective) by subclassing it: `phases/<name>/` names that class in its `Phase`, and the `phase` key of a
-config decides which class checks the rest. Every key is a typed field; a typo is an error that names the
+config decides which class checks the rest (the phase registry's `phases.load_config` picks it; here every
+function is given the class). Every key is a typed field; a typo is an error that names the
 key and suggests close matches, never a silent default.
 """
 
@@ -10,12 +11,14 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import yaml
 
+from engine.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user mistake in a config file or override; the message says what to change."""
 
 
@@ -121,21 +124,8 @@ def field_types(cls: type[Config]) -> dict[str, type]:
     return {f.name: f.type for f in fields(cls)}
 
 
-def config_class(phase: str) -> type[Config]:
-    from phases import get_phase
-
-    return get_phase(phase).config
-
-
-def owners_of(key: str) -> list[str]:
-    """The phases under phases/ whose config has this key (for the error when this run's phase has not)."""
-    from phases import all_phases
-
-    return [phase.name for phase in all_phases() if key in field_types(phase.config)]
-
-
-def unknown_key(key: str, cls: type[Config]) -> ConfigError:
-    owners = owners_of(key)
+def unknown_key(key: str, cls: type[Config], owners: list[str]) -> ConfigError:
+    """owners: the phases whose config has the key that cls lacks."""
     if owners:
         return ConfigError(f"config key '{key}' belongs to phase {' / '.join(owners)}; this run's phase has no such key")
     close = difflib.get_close_matches(key, field_types(cls), n=3, cutoff=0.6)
@@ -143,11 +133,11 @@ def unknown_key(key: str, cls: type[Config]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'.{hint}")
 
 
-def coerce(key: str, value, cls: type[Config] = Config):
+def coerce(key: str, value, cls: type[Config], owners_of: Callable[[str], list[str]]):
     """Convert a YAML or command-line value to the key's declared type, or raise ConfigError."""
     types = field_types(cls)
     if key not in types:
-        raise unknown_key(key, cls)
+        raise unknown_key(key, cls, owners_of(key))
     return parse_value(key, types[key], value)
 
 
@@ -224,19 +214,15 @@ def read_yaml(path: str) -> dict:
     return loaded
 
 
-def load_config(path: str | None, overrides: dict | list[str] | None = None) -> Config:
-    """Defaults < YAML file < overrides, each value type-checked against the phase's config class."""
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    overrides = overrides or {}
-    from_file = read_yaml(path) if path else {}
-    phase = str(overrides.get("phase", from_file.get("phase", Config.phase))).strip()
-    cls = config_class(phase)
+def build_config(cls: type[Config], sources: list[tuple[str | None, dict]],
+                 owners_of: Callable[[str], list[str]]) -> Config:
+    """Defaults < each source's values in turn (a YAML file's, then the overrides), each value type-checked against
+    cls. A source's name prefixes its errors; owners_of(key) names the phases that have a key cls lacks."""
     values = {}
-    for source, raw in ((path, from_file), (None, overrides)):
+    for source, raw in sources:
         try:
             for key, value in resolve_aliases(raw, cls).items():
-                values[key] = coerce(key, value, cls)
+                values[key] = coerce(key, value, cls, owners_of)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}" if source else str(e)) from None
     cfg = cls(**values)
@@ -244,9 +230,8 @@ def load_config(path: str | None, overrides: dict | list[str] | None = None) -> 
     return cfg
 
 
-def config_from_dict(values: dict) -> Config:
+def restore_config(cls: type[Config], values: dict) -> Config:
     """Rebuild a config stored in a checkpoint; keys this version no longer knows are dropped."""
-    cls = config_class(values.get("phase", Config.phase))
     known = {k: v for k, v in values.items() if k in field_types(cls) or k in cls.ALIASES}
     values = resolve_aliases(known, cls, alias_wins=True)
     return cls(**values)

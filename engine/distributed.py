@@ -86,7 +86,7 @@ def check_supported(cfg: Config) -> None:
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of a rank's RNG (e.g. mdm's noise) from step `step` on: different on every rank, the same on
     every run."""
-    from data.loader import mix64
+    from data.stream import mix64
 
     return int(mix64(seed, 0xD157, rank, step) >> np.uint64(1))  # 63 bits: what torch.manual_seed accepts
 

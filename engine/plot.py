@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.checkpoint import atomic_write_bytes
 from engine.cli import run_cli
+from engine.errors import UserError
 
 LOG = "training_log.json"
 MAX_SMOOTHING = 100  # the EMA averages over at most this many log steps (fewer on short runs: see ema_decay)
@@ -36,7 +37,7 @@ GROUPS = {
 Run = tuple[str, list[dict]]  # (label, records of its training_log.json)
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     """Nothing to plot: no training log, or a damaged one; the message names the file and what to do."""
 
 
@@ -179,5 +180,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from engine.plot import main  # python -m runs this file as __main__: raise the PlotError run_cli knows
     run_cli(main, sys.argv[1:])

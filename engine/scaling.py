@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from engine.cli import run_cli
-from engine.config import ConfigError, load_config, parse_overrides
+from engine.config import ConfigError, parse_overrides
 from engine.plot import pyplot
 from engine.sweep import markdown_table, train_run, write_csv
-from phases import get_phase, phase_names
+from phases import get_phase, load_config, phase_names
 
 REFERENCE = "phase7"
 COLUMNS = ["run", "size", "params", "budget", "steps", "tokens", "val_loss", "status"]

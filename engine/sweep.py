@@ -21,9 +21,9 @@ import yaml
 
 from engine.checkpoint import is_distributed_checkpoint
 from engine.cli import run_cli
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config, ConfigError
 from engine.train import Trainer, TrainingError
-from phases import get_phase
+from phases import get_phase, load_config
 
 
 def parse_grid(args: list[str]) -> dict[str, list[str]]:

@@ -22,16 +22,17 @@ import torch
 from engine import checkpoint as ckpt
 from engine.blocks import apply_to_blocks
 from engine.cli import run_cli
-from engine.config import Config, dump_config, load_config
+from engine.config import Config, dump_config
 from engine.distributed import build_sharded_model, check_supported, init_world, rank_seed, shutdown
+from engine.errors import UserError
 from engine.optim import build_optimizer, prepare_parameters
 from engine.plot import save_loss_plot
-from phases import get_phase
+from phases import get_phase, load_config
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12}
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """The run cannot go on (e.g. the loss keeps diverging); the message says what to change."""
 
 
@@ -406,7 +407,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # Run the module's importable twin: its TrainingError is the class engine.cli reports as a user error.
-    from engine.train import main as engine_main
-
-    run_cli(engine_main, sys.argv[1:])
+    run_cli(main, sys.argv[1:])

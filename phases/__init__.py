@@ -13,7 +13,8 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from engine.config import Config, ConfigError
+from engine.config import (Config, ConfigError, build_config, field_types, parse_overrides, read_yaml,
+                           restore_config)
 
 
 @runtime_checkable
@@ -82,3 +83,23 @@ def phase_names() -> list[str]:
 
 def all_phases() -> list[Phase]:
     return [get_phase(name) for name in phase_names()]
+
+
+def owners_of(key: str) -> list[str]:
+    """The phases under phases/ whose config has this key (for the error when this run's phase has not)."""
+    return [phase.name for phase in all_phases() if key in field_types(phase.config)]
+
+
+def load_config(path: str | None, overrides: dict | list[str] | None = None) -> Config:
+    """Defaults < YAML file < overrides, each value type-checked against the config class of the phase they name."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+    from_file = read_yaml(path) if path else {}
+    phase = str(overrides.get("phase", from_file.get("phase", Config.phase))).strip()
+    return build_config(get_phase(phase).config, [(path, from_file), (None, overrides)], owners_of)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a config stored in a checkpoint with its phase's class; keys this version no longer knows are dropped."""
+    return restore_config(get_phase(values.get("phase", Config.phase)).config, values)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import phase7
-from engine.config import load_config
+from phases import load_config
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 

@@ -7,8 +7,8 @@ import pytest
 
 from engine.checkpoint import resolve_checkpoint
 from engine.checkpoint import CheckpointError
-from engine.config import load_config
 from engine.train import Trainer
+from phases import load_config
 from tests.tiny_tokenizer import tiny_bpe
 
 ROOT = __file__.rsplit("/tests/", 1)[0]

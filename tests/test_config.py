@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
+from phases import load_config
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 

@@ -9,8 +9,9 @@ import pytest
 import data.prepare_lite as prepare_lite
 from data import lite_corpus
 from data.lite_corpus import Corpus, load_corpus, pypi_corpus
-from data.loader import DataError, open_data
+from data.loader import open_data
 from data.meta import read_meta
+from data.stream import DataError
 from data.tokenizer import load_tokenizer
 
 PLAY = "ROMEO.\nBut soft, what light through yonder window breaks?\nJULIET.\nAy me!\n"

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import DataError, open_data
+from data.loader import open_data
 from data.packed import ShardWriter
+from data.stream import DataError
 
 
 def write_split(folder, prefix, tokens, chunk_size=100, dtype=np.uint16):

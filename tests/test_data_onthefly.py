@@ -7,7 +7,8 @@ import pytest
 
 import data.onthefly as onthefly
 from data.bpe import save_tokenizer, train_bpe
-from data.loader import DataError, open_data
+from data.loader import open_data
+from data.stream import DataError
 from data.tokenizer import load_tokenizer
 
 TEXTS = [f"the king {i} walks to the sea with gold and a sword at night" * 3 for i in range(40)]

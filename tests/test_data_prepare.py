@@ -12,11 +12,12 @@ import pytest
 import zstandard
 
 from data.bpe import save_tokenizer, train_bpe
-from data.loader import DataError, open_data
+from data.loader import open_data
 from data.meta import read_meta, real_token_counts
 from data.packed import open_shard
 from data.prepare import parse_args, prepare
 from data.sources import Issues, hf_documents
+from data.stream import DataError
 from data.tokenizer import load_tokenizer
 
 WORDS = "the king and queen of a castle walk to sea with gold sword ring night day über café".split()

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import DataError, open_data
+from data.loader import open_data
 from data.meta import write_meta
 from data.packed import ShardWriter
 from data.recipe import load_recipe, main, parse_sources
+from data.stream import DataError
 
 
 def shard_folder(folder, first_token, n=5000, sha="same"):

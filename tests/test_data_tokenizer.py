@@ -3,7 +3,7 @@
 import pytest
 
 from data.bpe import save_tokenizer, train_bpe
-from data.loader import DataError
+from data.stream import DataError
 from data.tokenizer import EOS, load_tokenizer
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
 from engine.distributed import check_supported, rank_seed
 from engine.train import Trainer
+from phases import load_config
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 # tests/test_train.py's tiny run with a checkpoint every 2 steps; batch_size is per rank

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from engine.config import load_config
 from engine.train import Trainer
+from phases import load_config
 from phases.phase7 import build_model
 
 pytestmark = pytest.mark.gpu

@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from engine.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
 from engine.sampling import SamplingSettings  # noqa: E402
 from engine.train import Trainer  # noqa: E402
+from phases import config_from_dict, load_config  # noqa: E402
 from phases.hf import build_model, generate, next_token_loss  # noqa: E402
 from tests.resume_check import assert_resume_is_exact, logged  # noqa: E402
 from tests.tiny_tokenizer import tiny_bpe  # noqa: E402

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import load_config
 from engine.sampling import SamplingSettings
 from engine.train import Trainer, TrainingError, steps_for_budget
+from phases import load_config
 from phases.mdm import (EVAL_LEVELS, build_model, corrupt, diffusion_loss, eval_diffusion_loss, generate,
                         noise_levels)
 

@@ -1,8 +1,8 @@
 import torch
 
 from engine.blocks import checkpoint_blocks
-from engine.config import load_config
 from engine.sampling import SamplingSettings, filter_logits
+from phases import load_config
 from phases.phase7 import build_model, generate, next_token_loss
 from phases.phase7.export import to_hf
 

@@ -16,9 +16,10 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
 from engine.sampling import SamplingSettings  # noqa: E402
 from engine.train import Trainer  # noqa: E402
+from phases import load_config  # noqa: E402
 from phases.phase8 import build_model, generate  # noqa: E402
 from phases.phase8.model import (GatedLinearAttention, LinearTransformer, RecurrentState,  # noqa: E402
                                  sliding_window_attention)

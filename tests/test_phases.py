@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError, load_config
-from phases import LanguageModel, get_phase, phase_names
+from engine.config import ConfigError
+from phases import LanguageModel, get_phase, load_config, phase_names
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
-from engine.config import load_config
 from engine.train import Trainer, TrainingError, lr_at
+from phases import load_config
 from tests.resume_check import assert_resume_is_exact
 
 ROOT = __file__.rsplit("/tests/", 1)[0]

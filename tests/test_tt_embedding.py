@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointError, check_compatible, save_checkpoint
-from engine.config import ConfigError, config_from_dict, load_config
+from engine.config import ConfigError
 from engine.sampling import SamplingSettings
+from phases import config_from_dict, load_config
 from phases.phase7 import build_model, next_token_loss
 from phases.phase7.tt_embedding import TTEmbedding, dim_factors, tt_param_count, vocab_factors
 from tests.resume_check import assert_resume_is_exact

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from engine.sampling import SamplingSettings, sample_tokens
 from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
-from phases.hf.config import SHAPE_KEYS, HFConfig, fill_from_model
-from phases.hf.model import HFCausalLM, build, text_config
+from phases.hf.config import SHAPE_KEYS, HFConfig, fill_from_model, text_config
+from phases.hf.model import HFCausalLM, build
 
 
 def build_model(cfg: HFConfig) -> HFCausalLM:

@@ -1,15 +1,20 @@
-"""Phase hf's config keys: which transformers causal LM to train, from which weights, through which kernels; and
-the two engine keys that follow the model (tokenizer, vocab_size), filled when a run starts."""
+"""Phase hf's config keys: which transformers causal LM to train, from which weights, through which kernels; the
+two engine keys that follow the model (tokenizer, vocab_size), filled when a run starts; and the model's own
+transformers config, read from a local folder or the hub with one-line errors."""
 
+import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.hub import hub_reachable
 from engine.config import Config, ConfigError, choose
 from kernels.support import ATTENTION_HEAD_DIMS, RMS_NORM_MAX_HIDDEN, triton_available
 
 SHAPE_KEYS = ("model_name", "vocab_size")  # the architecture comes with the model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # owner/name; anything else that is not a folder is a wrong path
 
 
 @dataclass
@@ -41,8 +46,6 @@ class HFConfig(Config):
 def fill_from_model(cfg: HFConfig) -> None:
     """tokenizer "" becomes model_name, vocab_size 0 the model's vocabulary. Reads the model's config (not its
     weights), so a missing model fails here, before any data is tokenized. Idempotent."""
-    from phases.hf.model import load_hf_config, text_config
-
     model_vocab = text_config(load_hf_config(cfg.model_name)).vocab_size
     if not cfg.tokenizer and has_tokenizer(cfg.model_name):
         cfg.tokenizer = cfg.model_name
@@ -71,3 +74,95 @@ def attention_backend(cfg: HFConfig, head_dim: int) -> str:
 def norm_backend(cfg: HFConfig, hidden_size: int) -> str:
     fits = hidden_size <= RMS_NORM_MAX_HIDDEN
     return "triton" if cfg.rms_norm == "triton" and triton_available() and fits else "torch"
+
+
+def text_config(config):
+    """The language model's config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars or load reports: the run header says what was loaded."""
+    from transformers.utils import logging
+
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def not_cached(name: str) -> ConfigError:
+    folder = f"/models/{name.rstrip('/').split('/')[-1]}"
+    return ConfigError(f"model_name={name} is no local folder and is not in the Hugging Face cache, and the hub "
+                       f"cannot be reached from here: download it where there is internet with `hf download {name} "
+                       f"--local-dir {folder}`, copy that folder here, and set model_name={folder}")
+
+
+def local_folder(name: str) -> Path | None:
+    """The model folder model_name names, or None for a hub name; ConfigError for a path that is no model folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {name} has no config.json: point model_name at a folder written by "
+                              "save_pretrained or `hf download`")
+        return path
+    if path.exists():
+        raise ConfigError(f"model_name={name} is a file: give the folder that holds its config.json")
+    if not HUB_NAME.fullmatch(name):
+        raise ConfigError(f"model folder {name} not found: give an existing folder with config.json, or a hub name "
+                          "such as Qwen/Qwen3-0.6B")
+    return None
+
+
+def from_folder_or_hub(load, name: str):
+    """load(source, local_files_only): a local folder as it is; a hub name from the cache first (no network
+    wait when it is there), then from the hub if it answers."""
+    folder = local_folder(name)
+    if folder is not None:
+        return load(str(folder), True)
+    try:
+        return load(name, True)
+    except OSError:
+        if not hub_reachable():
+            raise not_cached(name) from None
+    return load(name, False)
+
+
+def check_causal_lm(config, name: str) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    decoder_only = not getattr(config, "is_encoder_decoder", False) and getattr(config, "is_decoder", True)
+    if not decoder_only or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"{name} is a '{config.model_type}' model ({type(config).__name__}), not a causal LM that "
+                          "AutoModelForCausalLM can train: give a decoder-only model, e.g. Qwen/Qwen3-0.6B")
+
+
+def load_hf_config(name: str):
+    """The model's transformers config; ConfigError (one line) for a missing folder, an uncached hub name without
+    network, a config transformers cannot read, or a model that is not a causal LM."""
+    from transformers import AutoConfig
+
+    def load(source, local_files_only):
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+
+    try:
+        config = from_folder_or_hub(load, name)
+    except ConfigError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"cannot read the config of {name} ({str(e).splitlines()[0][:160]})") from None
+    except ValueError as e:  # e.g. a model_type this transformers does not know
+        raise ConfigError(f"transformers cannot build {name}: {str(e).splitlines()[0][:200]}") from None
+    check_causal_lm(config, name)
+    return config

@@ -7,12 +7,12 @@ python -m phases.hf.export CHECKPOINT OUT_DIR   (or make export CHECKPOINT=... O
 
 import sys
 
-from data.loader import DataError
+from data.stream import DataError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.cli import run_cli
-from engine.config import config_from_dict
-from phases.hf.config import HFConfig
-from phases.hf.model import load_transformers_model, quiet_transformers
+from phases import config_from_dict
+from phases.hf.config import HFConfig, quiet_transformers
+from phases.hf.model import load_transformers_model
 
 
 def to_transformers(cfg: HFConfig, state_dict: dict):

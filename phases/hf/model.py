@@ -1,4 +1,5 @@
-"""Any transformers causal LM as the engine's LanguageModel: loading with one-line errors, and a thin wrapper.
+"""Any transformers causal LM as the engine's LanguageModel: loading its weights with one-line errors, and a thin
+wrapper (its transformers config is read in phases/hf/config.py).
 
 HFCausalLM registers the transformers model's own children (Qwen3ForCausalLM: `model`, `lm_head`) as its
 children, so its state_dict keys are transformers' keys: export is save_pretrained of the same weights. `layers`
@@ -6,112 +7,13 @@ is the model's own ModuleList of decoder layers, so what the engine applies per 
 checkpointing, FSDP) replaces entries inside the transformers model, which then runs them.
 """
 
-import contextlib
-import re
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from data.hub import hub_reachable
 from engine.config import ConfigError
-from phases.hf.config import HFConfig, attention_backend, norm_backend
+from phases.hf.config import (HFConfig, attention_backend, from_folder_or_hub, head_dim, load_hf_config, norm_backend,
+                              quiet_transformers, text_config)
 from phases.phase7.model import dense_flops_per_token
-
-HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # owner/name; anything else that is not a folder is a wrong path
-
-
-def text_config(config):
-    """The language model's config (multimodal configs nest it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No progress bars or load reports: the run header says what was loaded."""
-    from transformers.utils import logging
-
-    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
-
-
-def not_cached(name: str) -> ConfigError:
-    folder = f"/models/{name.rstrip('/').split('/')[-1]}"
-    return ConfigError(f"model_name={name} is no local folder and is not in the Hugging Face cache, and the hub "
-                       f"cannot be reached from here: download it where there is internet with `hf download {name} "
-                       f"--local-dir {folder}`, copy that folder here, and set model_name={folder}")
-
-
-def local_folder(name: str) -> Path | None:
-    """The model folder model_name names, or None for a hub name; ConfigError for a path that is no model folder."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model folder {name} has no config.json: point model_name at a folder written by "
-                              "save_pretrained or `hf download`")
-        return path
-    if path.exists():
-        raise ConfigError(f"model_name={name} is a file: give the folder that holds its config.json")
-    if not HUB_NAME.fullmatch(name):
-        raise ConfigError(f"model folder {name} not found: give an existing folder with config.json, or a hub name "
-                          "such as Qwen/Qwen3-0.6B")
-    return None
-
-
-def from_folder_or_hub(load, name: str):
-    """load(source, local_files_only): a local folder as it is; a hub name from the cache first (no network
-    wait when it is there), then from the hub if it answers."""
-    folder = local_folder(name)
-    if folder is not None:
-        return load(str(folder), True)
-    try:
-        return load(name, True)
-    except OSError:
-        if not hub_reachable():
-            raise not_cached(name) from None
-    return load(name, False)
-
-
-def check_causal_lm(config, name: str) -> None:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    decoder_only = not getattr(config, "is_encoder_decoder", False) and getattr(config, "is_decoder", True)
-    if not decoder_only or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ConfigError(f"{name} is a '{config.model_type}' model ({type(config).__name__}), not a causal LM that "
-                          "AutoModelForCausalLM can train: give a decoder-only model, e.g. Qwen/Qwen3-0.6B")
-
-
-def load_hf_config(name: str):
-    """The model's transformers config; ConfigError (one line) for a missing folder, an uncached hub name without
-    network, a config transformers cannot read, or a model that is not a causal LM."""
-    from transformers import AutoConfig
-
-    def load(source, local_files_only):
-        with quiet_transformers():
-            return AutoConfig.from_pretrained(source, local_files_only=local_files_only)
-
-    try:
-        config = from_folder_or_hub(load, name)
-    except ConfigError:
-        raise
-    except OSError as e:
-        raise ConfigError(f"cannot read the config of {name} ({str(e).splitlines()[0][:160]})") from None
-    except ValueError as e:  # e.g. a model_type this transformers does not know
-        raise ConfigError(f"transformers cannot build {name}: {str(e).splitlines()[0][:200]}") from None
-    check_causal_lm(config, name)
-    return config
-
 
 def load_transformers_model(cfg: HFConfig, attn_implementation: str, init: str | None = None):
     """AutoModelForCausalLM in fp32 (the engine's weights; memory mode makes them bf16), pretrained or fresh

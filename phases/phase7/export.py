@@ -14,7 +14,7 @@ import torch
 
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.cli import run_cli
-from engine.config import config_from_dict
+from phases import config_from_dict
 from phases.phase7.config import model_args
 from phases.phase7.model import ModelArgs
 from phases.phase7.tt_embedding import TTEmbedding
