@@ -2,9 +2,9 @@
 
 `Config` holds the engine's keys (run, data, optimisation, logging). A phase adds its own (model shape,
 objective) by subclassing it: `phases/<name>/` names that class in its `Phase`, and the `phase` key of a
-config decides which class checks the rest (the phase registry's `phases.load_config` picks it; here every
-function is given the class). Every key is a typed field; a typo is an error that names the
-key and suggests close matches, never a silent default.
+config decides which class checks the rest: the phase registry's `phases.load_config` picks it, and gives it to
+the functions here. Every key is a typed field; a typo is an error that names the key and suggests close
+matches, never a silent default.
 """
 
 import dataclasses

@@ -2,7 +2,8 @@
 
 Each phases/<name>/__init__.py defines `PHASE = Phase(...)`. Adding a phase adds no training loop and no
 edit in engine/: the engine reads what it needs from the Phase and from the model's `LanguageModel` methods.
-A phase kept elsewhere is named by its module path (`phase: tests.toy_phase`).
+A phase kept elsewhere is named by its module path (`phase: tests.toy_phase`). The registry also reads a run's
+config (load_config, config_from_dict): the phase it names decides the config class.
 """
 
 import importlib

@@ -3,7 +3,12 @@ import sys
 
 import pytest
 
+from data.stream import DataError
+from engine.checkpoint import CheckpointError
+from engine.cli import run_cli
 from engine.config import ConfigError
+from engine.plot import PlotError
+from engine.train import TrainingError
 from phases import load_config
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
@@ -96,3 +101,26 @@ def test_cli_error_is_one_line_without_traceback():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'n_layer'. Did you mean: n_layers")
+
+
+
+@pytest.mark.parametrize("error, line", [(error, "error: what to change") for error in
+                                         (ConfigError, CheckpointError, DataError, PlotError, TrainingError)]
+                         + [(RuntimeError, "error: RuntimeError: what to change (run with DEBUG=1 for the traceback)")])
+def test_run_cli_reports_a_user_error_as_its_message_and_any_other_with_its_type(error, line, monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("DEBUG", raising=False)
+
+    def main(argv):
+        raise error("what to change")
+
+    with pytest.raises(SystemExit) as exit:
+        run_cli(main, [])
+    assert exit.value.code == 1 and capsys.readouterr().err == line + "\n"
+
+
+def test_a_training_error_of_python_m_engine_train_is_one_line(tmp_path):
+    """python -m runs engine/train.py as __main__, whose TrainingError is another class than engine.train's."""
+    result = run_train("configs/phase7_test.yaml", "data=dummy", "flops_budget=10", f"out_dir={tmp_path}")
+    assert result.returncode == 1
+    assert [line[:46] for line in result.stderr.strip().splitlines()] == ["error: flops_budget=10 is less than one step ("]

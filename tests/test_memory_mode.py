@@ -20,11 +20,11 @@ from torch import nn  # noqa: E402
 from engine.blocks import checkpoint_blocks  # noqa: E402
 from engine.memory_mode import kernels as memory_kernels, optimizer as memory_optimizer  # noqa: E402
 from engine.memory_mode.codec import (BLOCK, BlockQuantized, decode, encode,  # noqa: E402
-from phases import load_config  # noqa: E402
                                       stochastic_round_to_bf16)
 from engine.memory_mode.estimate import estimate_memory_mode_bytes  # noqa: E402
 from engine.memory_mode.optimizer import InBackwardOptimizer, prepare_model_for_memory_mode  # noqa: E402
 from kernels.support import is_interpreted  # noqa: E402
+from phases import load_config  # noqa: E402
 from phases.phase7 import build_model, next_token_loss  # noqa: E402
 
 BETAS, EPS = (0.9, 0.95), 1e-8

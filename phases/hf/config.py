@@ -64,10 +64,10 @@ def has_tokenizer(model_name: str) -> bool:
     return not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def attention_backend(cfg: HFConfig, head_dim: int) -> str:
+def attention_backend(cfg: HFConfig, head_size: int) -> str:
     """attention=triton runs our kernel where it can (CUDA, triton installed, a head size it compiles for)."""
     if cfg.attention == "triton":
-        return "triton" if triton_available() and head_dim in ATTENTION_HEAD_DIMS else "sdpa"
+        return "triton" if triton_available() and head_size in ATTENTION_HEAD_DIMS else "sdpa"
     return cfg.attention
 
 
