@@ -39,13 +39,14 @@ help: ## list the targets
 	@echo "  Train targets take ARGS=\"key=value ...\" (any config key) and CHECKPOINT=<file.pt> to resume."
 	@echo "  NPROC=8: on 8 GPUs of this node (torchrun, FSDP); NNODES=2 RDZV=host:29500 on 2 nodes; Slurm: scripts/slurm/."
 
-$(VENV)/.installed: requirements.txt
+# constraints.txt pins the releases CI tested: a fresh machine gets exactly those.
+$(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	$(VENV)/bin/python -m pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv and install requirements.txt (idempotent)
+setup: $(VENV)/.installed ## create .venv, install requirements.txt at the versions of constraints.txt (idempotent)
 
 quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
 	$(MAKE) --no-print-directory data-lite PYTHON=$(PYTHON)
