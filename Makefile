@@ -72,10 +72,11 @@ triton-attn: $(ENV) ## check the Triton attention kernel against the reference; 
 data-lite: $(ENV) ## small real corpus (Shakespeare + Milton), BPE tokenizer, packed shards in data/lite [TOKENIZER=] [FORCE=1]
 	$(PYTHON) -m data.prepare_lite $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(FORCE),--force)
 
+# A variable, not a continued recipe line: make echoes a recipe's `\` lines as they are, empty ones too.
+DATA_FLAGS = $(strip $(if $(SPLIT),--split $(SPLIT)) $(if $(PERCENTAGE),--percentage $(PERCENTAGE)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(STRICT),--strict))
 data: $(ENV) ## tokenize a corpus: SOURCE= TOKENIZER= DEST= [SPLIT=] [PERCENTAGE=] [WORKERS=] [STRICT=1]
-	$(PYTHON) -m data.prepare --source "$(SOURCE)" --tokenizer "$(TOKENIZER)" --dest "$(DEST)" \
-		$(if $(SPLIT),--split $(SPLIT)) $(if $(PERCENTAGE),--percentage $(PERCENTAGE)) \
-		$(if $(WORKERS),--workers $(WORKERS)) $(if $(STRICT),--strict)
+	$(PYTHON) -m data.prepare --source "$(SOURCE)" --tokenizer "$(TOKENIZER)" --dest "$(DEST)" $(DATA_FLAGS)
 
 recipe: $(ENV) ## build a dataset mixture: interactive, or SOURCES="data/a:0.7 data/b:0.3" [OUT=...]
 	$(PYTHON) -m data.recipe $(if $(SOURCES),--sources $(SOURCES)) $(if $(OUT),--out $(OUT))
