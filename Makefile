@@ -1,6 +1,7 @@
 # The user interface. `make` lists the targets. Train targets take ARGS="key=value ..." and CHECKPOINT=...
 # PYTHON=python3 uses that interpreter as it is instead of bootstrapping .venv (e.g. on a GPU box with no pip).
 # NPROC=N runs train targets on N GPUs of this node under torchrun (FSDP); NNODES=M RDZV=host:port on M nodes.
+# Without a GPU, NPROC=N runs N CPU processes (gloo): the multi-process path, tried locally.
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -37,7 +38,7 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  Train targets take ARGS=\"key=value ...\" (any config key) and CHECKPOINT=<file.pt> to resume."
-	@echo "  NPROC=8: on 8 GPUs of this node (torchrun, FSDP); NNODES=2 RDZV=host:29500 on 2 nodes; Slurm: scripts/slurm/."
+	@echo "  NPROC=8: on 8 GPUs of this node (torchrun, FSDP; CPU processes without a GPU); NNODES=2 RDZV=host:29500 on 2 nodes; Slurm: scripts/slurm/."
 
 # constraints.txt pins the releases CI tested: a fresh machine gets exactly those.
 $(VENV)/.installed: requirements.txt constraints.txt
@@ -183,5 +184,5 @@ bench-phase8-vs-phase7: $(ENV) ## training step tok/s + peak memory at S=1k..32k
 bench-phase8-variants: $(ENV) ## CPU, data-lite: phase 8 variants against phase 7, val loss at equal steps
 	$(PYTHON) -m bench.phase8_variants $(ARGS)
 
-clean-checkpoints: ## delete checkpoints/ (asks first)
+clean-checkpoints: ## delete checkpoints/: every run's checkpoints and logs (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true
