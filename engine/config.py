@@ -218,7 +218,8 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     context = getattr(e, "context", None)  # e.g. "while scanning a quoted scalar" opened lines above
-    return f"{at(getattr(e, 'problem_mark', None))}: {problem}" + (f" ({context}{at(e.context_mark)})" if context else "")
+    where_begun = f" ({context}{at(e.context_mark)})" if context else ""
+    return f"{at(getattr(e, 'problem_mark', None))}: {problem}{where_begun}"
 
 
 def read_yaml(path: str) -> dict:

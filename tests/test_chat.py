@@ -62,7 +62,8 @@ def test_a_default_run_folder_not_trained_here_names_the_runs_of_its_phase(tmp_p
             (tmp_path / run / checkpoint).write_bytes(b"")
     with pytest.raises(CheckpointError) as missing:
         checkpoint_to_chat(str(tmp_path / "phase8_1.5b"))
-    assert f"the phase8 runs in {tmp_path}/ are: {tmp_path}/phase8_small, {tmp_path}/phase8_test (" in str(missing.value)
+    assert (f"the phase8 runs in {tmp_path}/ are: {tmp_path}/phase8_small, {tmp_path}/phase8_test ("
+            in str(missing.value))
     with pytest.raises(CheckpointError) as empty:
         checkpoint_to_chat(str(tmp_path / "phase7_1.5b_triton"))  # made, not trained yet
     assert f"phase7 runs in {tmp_path}/ are: {tmp_path}/phase7_test (" in str(empty.value)
