@@ -1,6 +1,7 @@
 # The user interface. `make` lists the targets. Train targets take ARGS="key=value ..." and CHECKPOINT=...
 # PYTHON=python3 uses that interpreter as it is instead of bootstrapping .venv (e.g. on a GPU box with no pip).
 # NPROC=N runs train targets on N GPUs of this node under torchrun (FSDP); NNODES=M RDZV=host:port on M nodes.
+# Without a GPU, NPROC=N runs N CPU processes (gloo): the multi-process path, tried locally.
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -37,15 +38,16 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  Train targets take ARGS=\"key=value ...\" (any config key) and CHECKPOINT=<file.pt> to resume."
-	@echo "  NPROC=8: on 8 GPUs of this node (torchrun, FSDP); NNODES=2 RDZV=host:29500 on 2 nodes; Slurm: scripts/slurm/."
+	@echo "  NPROC=8: on 8 GPUs of this node (torchrun, FSDP; CPU processes without a GPU); NNODES=2 RDZV=host:29500 on 2 nodes; Slurm: scripts/slurm/."
 
-$(VENV)/.installed: requirements.txt
+# constraints.txt pins the releases CI tested: a fresh machine gets exactly those.
+$(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	$(VENV)/bin/python -m pip install -q -r requirements.txt -c constraints.txt
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv and install requirements.txt (idempotent)
+setup: $(VENV)/.installed ## create .venv, install requirements.txt at the versions of constraints.txt (idempotent)
 
 quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
 	$(MAKE) --no-print-directory data-lite PYTHON=$(PYTHON)
@@ -71,10 +73,11 @@ triton-attn: $(ENV) ## check the Triton attention kernel against the reference; 
 data-lite: $(ENV) ## small real corpus (Shakespeare + Milton), BPE tokenizer, packed shards in data/lite [TOKENIZER=] [FORCE=1]
 	$(PYTHON) -m data.prepare_lite $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(FORCE),--force)
 
+# A variable, not a continued recipe line: make echoes a recipe's `\` lines as they are, empty ones too.
+DATA_FLAGS = $(strip $(if $(SPLIT),--split $(SPLIT)) $(if $(PERCENTAGE),--percentage $(PERCENTAGE)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(if $(STRICT),--strict))
 data: $(ENV) ## tokenize a corpus: SOURCE= TOKENIZER= DEST= [SPLIT=] [PERCENTAGE=] [WORKERS=] [STRICT=1]
-	$(PYTHON) -m data.prepare --source "$(SOURCE)" --tokenizer "$(TOKENIZER)" --dest "$(DEST)" \
-		$(if $(SPLIT),--split $(SPLIT)) $(if $(PERCENTAGE),--percentage $(PERCENTAGE)) \
-		$(if $(WORKERS),--workers $(WORKERS)) $(if $(STRICT),--strict)
+	$(PYTHON) -m data.prepare --source "$(SOURCE)" --tokenizer "$(TOKENIZER)" --dest "$(DEST)" $(DATA_FLAGS)
 
 recipe: $(ENV) ## build a dataset mixture: interactive, or SOURCES="data/a:0.7 data/b:0.3" [OUT=...]
 	$(PYTHON) -m data.recipe $(if $(SOURCES),--sources $(SOURCES)) $(if $(OUT),--out $(OUT))
@@ -181,5 +184,5 @@ bench-phase8-vs-phase7: $(ENV) ## training step tok/s + peak memory at S=1k..32k
 bench-phase8-variants: $(ENV) ## CPU, data-lite: phase 8 variants against phase 7, val loss at equal steps
 	$(PYTHON) -m bench.phase8_variants $(ARGS)
 
-clean-checkpoints: ## delete checkpoints/ (asks first)
+clean-checkpoints: ## delete checkpoints/: every run's checkpoints and logs (asks first)
 	@read -p "delete checkpoints/? [y/N] " answer && [ "$$answer" = y ] && rm -rf checkpoints/ || true

@@ -48,15 +48,22 @@ def bench_overrides(args) -> list[str]:
             "data=dummy", "device=cuda", "fast_dev_run=1", "warmup_steps=1", *args.overrides]
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work before reading the clock; on a CPU the work is done when step() returns
+    (a bench's code can be tried there with device=cpu)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_steps(step, warmup: int, steps: int) -> float:
     """Seconds per call of step() after warm-up (compilation happens in warm-up)."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - start) / steps
 
 
@@ -145,13 +152,16 @@ def run_peer(args) -> dict:
 
 
 def measure(name, cfg, flops_per_token, n_layers, step, args) -> dict:
-    """tok/s, MFU and peak memory of step() after warm-up (compilation happens in warm-up)."""
-    torch.cuda.reset_peak_memory_stats()
+    """tok/s, MFU and peak GPU memory of step() after warm-up (compilation happens in warm-up); on a CPU
+    (device=cpu) MFU and memory are None."""
+    gpu = cfg.device == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, args.warmup, args.steps)
     tok_per_s = cfg.batch_size * cfg.n_seq / seconds
-    peak = peak_flops(torch.device("cuda"))
+    peak = peak_flops(torch.device("cuda")) if gpu else None
     return {"name": name, "tok_per_s": tok_per_s, "mfu": tok_per_s * flops_per_token / peak if peak else None,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "n_layers": n_layers}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None, "n_layers": n_layers}
 
 
 def deepest_that_fits(args) -> int:
@@ -175,8 +185,9 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|" + ("---|" if gains else "")]
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] else "-"
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         gain = (f" {r['gain']:.3f}x |" if "gain" in r else " - |") if gains else ""
-        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {r['peak_gib']:.2f} |{gain}")
+        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {peak} |{gain}")
     return "\n".join(lines)
 
 

@@ -43,9 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="", help="corpus name in shard file names (default: the source's name)")
     p.add_argument("--strict", action="store_true", help="fail on a damaged file or record instead of skipping it")
     args = p.parse_args(argv)
-    for flag in ("source", "tokenizer", "dest"):
-        if not getattr(args, flag):
-            raise DataError(f"--{flag} is empty: make data SOURCE=<corpus> TOKENIZER=<tokenizer> DEST=<shard folder>")
+    require_flags(args, "source")  # the others once the source is known to exist: the first thing to fix
     if not 0 < args.percentage <= 1:
         raise DataError(f"--percentage {args.percentage} is outside (0, 1]: use e.g. 0.1 for a tenth of the files")
     if args.workers < 1:
@@ -54,8 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def require_flags(args: argparse.Namespace, *flags: str) -> None:
+    for flag in flags:
+        if not getattr(args, flag):
+            raise DataError(f"--{flag} is empty: make data SOURCE=<corpus> TOKENIZER=<tokenizer> DEST=<shard folder>")
+
+
 def list_inputs(source: str, split: str, percentage: float) -> dict[str, str]:
     """{input name (stable across runs): location (a file path or hf:<name>[:<config>])}."""
+    if source.startswith(("/", ".", "~")) and not Path(source).exists():  # a path, never a hub dataset's name
+        raise DataError(f"{source} is not a file or folder: check SOURCE (a Hugging Face dataset is hf:<name>)")
     if source.startswith("hf:") or not Path(source).exists():
         name = source.removeprefix("hf:").partition(":")[0]
         if not Path(name).exists() and not hub_reachable():
@@ -157,6 +163,7 @@ def describe_issues(split: dict) -> list[str]:
 
 def prepare(args) -> dict:
     inputs = list_inputs(args.source, args.split, args.percentage)
+    require_flags(args, "tokenizer", "dest")
     dest = open_dest(args.dest)
     tokenizer = load_tokenizer(args.tokenizer)
     if not tokenizer.is_fast or tokenizer.eos_token_id is None:

@@ -15,7 +15,7 @@ from engine import checkpoint as ckpt
 from engine.cli import run_cli
 from engine.config import ConfigError, parse_overrides
 from engine.sampling import SamplingSettings
-from phases import config_from_dict, get_phase
+from phases import config_from_dict, get_phase, phase_names
 
 HELP = "commands: /set KEY VALUE (temperature, top_k, top_p, max_new_tokens, steps), /settings, /quit"
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(SamplingSettings) if f.name != "eos_id"}
@@ -66,6 +66,23 @@ class Chat:
         return self.tokenizer.decode(new_ids[0].tolist(), skip_special_tokens=True)
 
 
+def checkpoint_to_chat(path: str) -> Path:
+    """resolve_checkpoint's answer. When `path` is a run folder that holds no checkpoint (make chat-phase8
+    defaults to the 1.5B run's, which a CPU machine never trains), the error names the runs of the phase the
+    folder is named after (phase8_1.5b: phase8) that its parent folder does hold."""
+    target = Path(path)
+    untrained = path and (not target.exists() or (target.is_dir() and not ckpt.is_distributed_checkpoint(target)
+                                                   and ckpt.find_latest(target) is None))
+    phase = next((p for p in phase_names() if target.name.startswith(p + "_")), None)
+    if untrained and phase and target.parent.is_dir():
+        runs = sorted(str(run) for run in target.parent.iterdir() if run.is_dir() and run != target
+                      and any(ckpt.checkpoint_name(c).startswith(phase + "_") for c in ckpt.checkpoints_in(run)))
+        if runs:
+            raise ckpt.CheckpointError(f"no checkpoint in {target}/; the {phase} runs in {target.parent}/ are: "
+                                       f"{', '.join(runs)} (give one as CHECKPOINT=)")
+    return ckpt.resolve_checkpoint(path)
+
+
 def repl(chat: Chat, settings: SamplingSettings) -> None:
     print(HELP)
     while True:
@@ -99,7 +116,7 @@ def main(argv: list[str]) -> None:
     settings = SamplingSettings()
     for key, value in options.items():
         set_setting(settings, key, value)
-    chat = Chat(ckpt.resolve_checkpoint(path), device)
+    chat = Chat(checkpoint_to_chat(path), device)
     settings.eos_id = chat.tokenizer.eos_token_id
     if seed is not None:
         torch.manual_seed(int(seed))

@@ -201,6 +201,17 @@ def parse_overrides(args: list[str]) -> dict:
     return overrides
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """' at line L, column C: problem (what it was reading at line L', column C')': where to look, 1-based."""
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)  # e.g. "while scanning a quoted scalar" opened lines above
+    where_begun = f" ({context}{at(e.context_mark)})" if context else ""
+    return f"{at(getattr(e, 'problem_mark', None))}: {problem}{where_begun}"
+
+
 def read_yaml(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
@@ -208,7 +219,7 @@ def read_yaml(path: str) -> dict:
     try:
         loaded = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML{yaml_problem(e)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must be a flat mapping of key: value")
     return loaded

@@ -360,7 +360,7 @@ class Trainer:
                   "time": elapsed / steps, "tokens": self.tokens_seen, "tok_per_s": tok_per_s}
         if self.world.active:
             record["tok_per_s_per_gpu"] = tok_per_s / self.world.size
-            line += f" ({record['tok_per_s_per_gpu']:,.0f}/GPU)"
+            line += f" ({record['tok_per_s_per_gpu']:,.0f}/{'GPU' if self.device.type == 'cuda' else 'rank'})"
         if self.peak_flops:
             record["mfu"] = tok_per_s * self.flops_per_token / (self.peak_flops * self.world.size)
             line += f" | MFU: {record['mfu']:.2f}"
@@ -390,8 +390,9 @@ class Trainer:
               f"({model.num_params() / 1e6:.1f}M without the input embedding) | device {self.device} | "
               f"{model.describe()}{' | memory mode' if cfg.memory_mode else ''} | "
               f"data {cfg.data} ({self.train_data.num_tokens:,} train tokens) | "
-              f"{self.tokens_per_step:,} tokens/step ({ranks}{self.micro_batch_size} x {self.accumulation_steps}"
-              " sequences) | "
+              f"{self.tokens_per_step:,} tokens/step ({ranks}micro-batch {self.micro_batch_size} x "
+              f"{self.accumulation_steps} accumulation step{'s' if self.accumulation_steps > 1 else ''} x "
+              f"{cfg.n_seq} tokens) | "
               + (f"fast_dev_run: {cfg.fast_dev_run} steps, saves nothing" if cfg.fast_dev_run else
                  f"{cfg.max_steps} steps -> {cfg.out_dir}"), flush=True)
 

@@ -49,3 +49,23 @@ def test_run_folder_resolves_to_best_checkpoint(run_dir, tmp_path):
         resolve_checkpoint(str(tmp_path))
     result = chat(str(tmp_path / "missing.pt"), stdin="hi\n")
     assert result.returncode != 0 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_default_run_folder_not_trained_here_names_the_runs_of_its_phase(tmp_path):
+    """make chat-phase8 without CHECKPOINT reads checkpoints/phase8_1.5b, which a CPU machine never trains."""
+    from engine.chat import checkpoint_to_chat
+
+    for run, checkpoint in [("phase8_test", "phase8_best.pt"), ("phase8_small", "phase8_step_10.pt"),
+                            ("phase7_test", "phase7_best.pt"), ("phase7_1.5b_triton", None)]:
+        (tmp_path / run).mkdir()
+        if checkpoint:
+            (tmp_path / run / checkpoint).write_bytes(b"")
+    with pytest.raises(CheckpointError) as missing:
+        checkpoint_to_chat(str(tmp_path / "phase8_1.5b"))
+    assert (f"the phase8 runs in {tmp_path}/ are: {tmp_path}/phase8_small, {tmp_path}/phase8_test ("
+            in str(missing.value))
+    with pytest.raises(CheckpointError) as empty:
+        checkpoint_to_chat(str(tmp_path / "phase7_1.5b_triton"))  # made, not trained yet
+    assert f"phase7 runs in {tmp_path}/ are: {tmp_path}/phase7_test (" in str(empty.value)
+    assert checkpoint_to_chat(str(tmp_path / "phase8_test")) == tmp_path / "phase8_test" / "phase8_best.pt"
+    assert checkpoint_to_chat(str(tmp_path / "mdm_1B")) == tmp_path / "mdm_1B"  # no mdm run: loading says not found

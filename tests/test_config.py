@@ -28,6 +28,20 @@ def test_unknown_key_names_it_and_suggests():
         load_config(None, ["learning_rat=1e-3"])
 
 
+@pytest.mark.parametrize("text, where", [
+    ("n_layers: 2\nd_model: 64\n  n_heads: 4\n", "line 3, column 10: mapping values are not allowed here"),
+    ("n_layers: 2\nmodel_name: \"Qwen\n", "line 3, column 1: found unexpected end of stream "
+     "(while scanning a quoted scalar at line 2, column 13)"),
+    ("n_layers: 2\n\tn_heads: 4\n", "line 2, column 1: found character '\\t' that cannot start any token "
+     "(while scanning for the next token)"),
+])
+def test_malformed_yaml_is_reported_at_its_line_and_column(tmp_path, text, where):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(tmp_path / "bad.yaml"))
+    assert str(error.value) == f"{tmp_path / 'bad.yaml'} is not valid YAML at {where}"
+
+
 def test_unknown_key_in_yaml_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("d_modle: 64\n")

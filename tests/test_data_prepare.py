@@ -182,6 +182,16 @@ def test_dest_not_writable_and_missing_source(tree, tokenizer_path, tmp_path, mo
         run_prepare(tmp_path / "nowhere", tokenizer_path, tmp_path / "out")
 
 
+def test_a_missing_source_is_reported_before_the_empty_tokenizer_and_dest(tmp_path):
+    """make data SOURCE=/nonexistent: the path is checked first, and never taken for a hub dataset's name."""
+    with pytest.raises(DataError, match=f"^{tmp_path / 'nowhere'} is not a file or folder: check SOURCE"):
+        run_prepare(tmp_path / "nowhere", "", "")
+    result = subprocess.run(["make", "-n", "--no-print-directory", "data", f"SOURCE={tmp_path}", "WORKERS=2",
+                             "PYTHON=python3"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            capture_output=True, text=True)
+    assert result.stdout == f'python3 -m data.prepare --source "{tmp_path}" --tokenizer "" --dest "" --workers 2\n'
+
+
 def test_a_second_tokenizer_cannot_share_a_dest(tree, tokenizer_path, tmp_path):
     run_prepare(tree[0], tokenizer_path, tmp_path / "out")
     other = save_tokenizer(train_bpe(["completely different text here"] * 20, 280), tmp_path / "tok2")

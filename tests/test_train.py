@@ -288,3 +288,13 @@ def test_auto_micro_batch_without_a_gpu_keeps_the_configured_split(tmp_path, cap
     trainer = Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", "micro_batch_size=auto", "device=cpu"]))
     assert (trainer.micro_batch_size, trainer.accumulation_steps) == (2, 2)
     assert "micro_batch_size=auto: no GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["batch_size=3"], "96 tokens/step (micro-batch 3 x 2 accumulation steps x 16 tokens)"),
+    (["gradient_accumulation_steps=1"], "32 tokens/step (micro-batch 2 x 1 accumulation step x 16 tokens)")],
+    ids=["accumulating", "one micro-batch"])
+def test_the_run_header_says_which_factor_is_the_micro_batch_and_which_the_accumulation(tmp_path, capsys, extra,
+                                                                                         says):
+    Trainer(load_config(None, TINY + [f"out_dir={tmp_path}", *extra])).print_header()
+    assert says in capsys.readouterr().out

@@ -6,12 +6,18 @@ CHECKPOINT is a .pt file or a checkpoint folder of a run on several ranks.
 Llama has no tensor-train embedding: a TT one (embedding=tt) is expanded into the dense embed_tokens table it
 stands for, so the export holds vocab x d_model embedding parameters where the checkpoint held the cores.
 tie_embeddings=true exports as tie_word_embeddings.
+
+The run's tokenizer is saved beside the weights as training used it: documents were packed as their ids followed
+by EOS (data/pack.py), never a BOS and never padding, so EOS also stands for BOS and PAD, and encoding adds no
+special token (a Llama tokenizer would add BOS). AutoTokenizer + generate at temperature 0 then give the text
+that `make chat` gives from the checkpoint.
 """
 
 import sys
 
 import torch
 
+from data.stream import DataError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.cli import run_cli
 from phases import config_from_dict
@@ -20,10 +26,13 @@ from phases.phase7.model import ModelArgs
 from phases.phase7.tt_embedding import TTEmbedding
 
 
-def llama_config(args: ModelArgs):
+def llama_config(args: ModelArgs, eos_id: int | None = None):
+    """eos_id: the tokenizer's EOS, which is also BOS and PAD (see the module's docstring); None leaves them unset
+    rather than LlamaConfig's defaults (1 and 2), which are ordinary tokens of our vocabularies."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
@@ -53,12 +62,27 @@ def hf_state_dict(state_dict: dict) -> dict:
     return {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in state_dict.items()}
 
 
-def to_hf(args: ModelArgs, state_dict: dict):
+def to_hf(args: ModelArgs, state_dict: dict, eos_id: int | None = None):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(llama_config(args))
+    model = LlamaForCausalLM(llama_config(args, eos_id))
     model.load_state_dict(hf_state_dict(dense_embedding(args, state_dict)), strict=True)
     return model
+
+
+def training_tokenizer(ref: str):
+    """The run's tokenizer with EOS as BOS and PAD and no special token added on encode; None (with a warning)
+    when it cannot be loaded here, since the weights are worth saving without it."""
+    from data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(ref)
+    except DataError as e:
+        print(f"warning: the weights are saved, the tokenizer is not: {e}", file=sys.stderr)
+        return None
+    tokenizer.bos_token = tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_bos_token = tokenizer.add_eos_token = False  # rewrites a post-processor that would add them
+    return tokenizer
 
 
 def main(argv: list[str]) -> None:
@@ -68,11 +92,16 @@ def main(argv: list[str]) -> None:
     if state.get("phase") != "phase7":
         raise CheckpointError(f"{argv[0]} is a '{state.get('phase')}' checkpoint; this exports phase 7 (Llama) only")
     args = model_args(config_from_dict(state["config"]))
-    to_hf(args, state["model"]).save_pretrained(argv[1])
+    tokenizer = training_tokenizer(state.get("tokenizer", ""))
+    eos_id = None if tokenizer is None else tokenizer.eos_token_id
+    to_hf(args, state["model"], eos_id).save_pretrained(argv[1])
+    if tokenizer is not None:
+        tokenizer.save_pretrained(argv[1])
     if args.embedding == "tt":
         print(f"note: the TT embedding (rank {args.tt_rank}) was expanded to a dense {args.vocab_size} x "
               f"{args.d_model} embed_tokens table for transformers, which has no TT embedding")
-    print(f"saved LlamaForCausalLM to {argv[1]}{' (tie_word_embeddings)' if args.tie_embeddings else ''}")
+    print(f"saved LlamaForCausalLM{' (tie_word_embeddings)' if args.tie_embeddings else ''}"
+          f"{'' if tokenizer is None else f' and its tokenizer (EOS {eos_id}, also BOS and PAD)'} to {argv[1]}")
 
 
 if __name__ == "__main__":
