@@ -37,6 +37,25 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, damaged or belongs to another model; the message says what to do."""
 
 
+# Whether load_checkpoint checks checksums when its caller does not say (chat, export and consolidate
+# turn it off for their process with verify_checksums=false; training passes its config's key).
+VERIFY_BY_DEFAULT = True
+
+
+def take_loading_options(options: dict) -> dict:
+    """The options of chat, export and consolidate that concern loading, taken out of `options`:
+    verify_checksums=false, and phase=MODULE to trust a phase module a checkpoint names (see phases/)."""
+    global VERIFY_BY_DEFAULT
+    from engine.config import parse_value
+    from phases import allow_phase_module
+
+    if "verify_checksums" in options:
+        VERIFY_BY_DEFAULT = parse_value("verify_checksums", bool, options.pop("verify_checksums"))
+    if "phase" in options:
+        allow_phase_module(options.pop("phase").strip())
+    return options
+
+
 class KeepsWriteErrors:
     """A file whose failed write is remembered: torch.save reports one only as "unexpected pos"."""
 
@@ -240,12 +259,12 @@ def missing_checkpoint(path: Path) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file or checkpoint folder>")
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", lazy: bool = False, verify: bool = True) -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", lazy: bool = False, verify: bool | None = None) -> dict:
     """A whole checkpoint on the CPU: a .pt file, or a Distributed Checkpoint folder read into one process.
     lazy: tensors are read when used (a .pt is memory-mapped; a folder gives its plain values only, for
     DistributedCheckpoints.load to read the shards). verify: check its checksums first (not when lazy: the
     caller reading the tensors checks them, see DistributedCheckpoints.load)."""
-    path = Path(path)
+    path, verify = Path(path), VERIFY_BY_DEFAULT if verify is None else verify
     if is_distributed_checkpoint(path):
         if lazy:
             return read_train_state(path)
