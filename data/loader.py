@@ -130,21 +130,15 @@ def check_token_ids(paths: list[Path], arrays: list[np.ndarray], vocab_size: int
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    changed = False
+    ranges, scanned = {}, False
     for path, tokens in zip(paths, arrays):
-        if tokens.dtype.kind not in "iu" or len(tokens) == 0:
-            continue
-        stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in cache:
-            cache[key], changed = [int(tokens.min()), int(tokens.max())], True
-        low, high = cache[key]
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise DataError(f"{path} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): "
-                            f"set vocab_size={high + 1} or more, or rebuild the data with the tokenizer the "
-                            "model uses")
-    if changed:
+        if tokens.dtype.kind in "iu" and len(tokens):
+            stat = path.stat()
+            key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            if key not in cache:
+                cache[key], scanned = [int(tokens.min()), int(tokens.max())], True
+            ranges[path] = cache[key]
+    if scanned:
         cache = {k: v for k, v in cache.items() if Path(k.rsplit(":", 2)[0]).exists()}  # forget deleted shards
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +147,12 @@ def check_token_ids(paths: list[Path], arrays: list[np.ndarray], vocab_size: int
             os.replace(tmp, cache_file)
         except OSError:
             pass  # a read-only home: the next run scans again
+    for path, (low, high) in ranges.items():
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(f"{path} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): "
+                            f"set vocab_size={high + 1} or more, or rebuild the data with the tokenizer the "
+                            "model uses")
 
 
 def missing(spec: str) -> DataError:
