@@ -311,3 +311,28 @@ def test_token_ids_beyond_the_vocabulary_fail_before_the_model_is_built(tmp_path
                                 "[0, 64): set vocab_size=71 or more, or rebuild the data with the tokenizer the "
                                 "model uses")
     assert (tmp_path / "cache" / "llm-pretrain" / "token_id_ranges.json").is_file()  # scanned once, cached
+
+
+def test_slurm_script_stops_the_trainer_before_the_time_limit_then_requeues(tmp_path):
+    """USR1 (--signal=B:USR1@120) reaches the script: it sends SIGTERM to the trainer (srun, here a stand-in
+    that exits as the trainer does after its save), waits for it, then requeues the job."""
+    import time
+
+    log = tmp_path / "log"
+    (tmp_path / "srun").write_text(f"#!/bin/bash\ntrap 'echo trainer got TERM >> {log}; exit 143' TERM\n"
+                                   f"echo started >> {log}\nwhile true; do sleep 0.05; done\n")
+    (tmp_path / "scontrol").write_text(f'#!/bin/sh\n[ "$1" = show ] && echo node01\n[ "$1" = requeue ] && '
+                                       f'echo "requeue $2" >> {log}\nexit 0\n')
+    for tool in ("srun", "scontrol"):
+        (tmp_path / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": ROOT}
+    job = subprocess.Popen(["bash", f"{ROOT}/scripts/slurm/train.sbatch", "CONFIG=configs/phase7_test.yaml"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (log.is_file() and "started" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=30)
+    assert log.read_text() == "started\ntrainer got TERM\nrequeue 42\n", err
+    assert job.returncode == PREEMPTED_EXIT and "USR1: the time limit is near" in out
+    assert "#SBATCH --signal=B:USR1@120" in open(f"{ROOT}/scripts/slurm/train.sbatch").read()
