@@ -146,8 +146,9 @@ def verify_checksums(path: Path, part: tuple[int, int] = (0, 1)) -> None:
     the data and the checksums) loads with a one-line note."""
     listing = checksum_file(path)
     if not listing.is_file():
-        print(f"note: {path} has no checksums ({listing.name}; saved by an older version, or interrupted while "
-              "saving): loaded unverified", file=sys.stderr)
+        if part[0] == 0:  # one note for all ranks
+            print(f"note: {path} has no checksums ({listing.name}; saved by an older version, or interrupted while "
+                  "saving): loaded unverified", file=sys.stderr)
         return
     folder = listing.parent
     for i, line in enumerate(listing.read_text().splitlines()):
@@ -536,11 +537,11 @@ class DistributedCheckpoints:
         """The checkpoint's shards into this rank's model and optimizer, at any world size: from a folder
         (DCP reshards) or a single process's .pt (each rank takes its slice). Returns this rank's RNG state,
         or None when the checkpoint has none for this rank (it was saved by fewer ranks)."""
-        from engine import dcp_reader
+        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                              set_optimizer_state_dict, set_state_dict)
 
-        import torch.distributed as dist
+        from engine import dcp_reader
 
         if verify:  # each rank checks its share of the files
             verify_checksums(path, (self.rank, dist.get_world_size()))
