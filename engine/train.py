@@ -355,6 +355,8 @@ class Trainer:
         else:
             print(f"{what}: stopped after step {self.step} (fast_dev_run saves nothing); "
                   f"exiting with code {PREEMPTED_EXIT}", flush=True)
+        if self.wandb is not None:
+            self.wandb.finish()
         self.stopped = True
 
     def fit(self) -> None:
