@@ -17,9 +17,10 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-# Every class a DCP index holds, found by saving folders (model, optimizer, RNG; bf16, fp32 and integer
-# tensors) with torch 2.11 and 2.13 and listing the pickle's globals. Exact pairs: no other name of these
-# modules (e.g. filesystem.os, reachable as the dotted name `os.system`) is ever looked up.
+# Every class a DCP index holds, found by saving a folder (model, optimizer, RNG; bf16, fp32 and uint8
+# tensors) with torch 2.13 and listing the globals its pickle looks up; each is older than torch 2.11, the
+# oldest torch we run. Exact pairs: no other name of these modules (e.g. filesystem's `os`, reachable as
+# the dotted name `os.system`) is ever looked up.
 DCP_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in (
     "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
