@@ -142,12 +142,12 @@ chat: $(ENV) ## chat with any checkpoint or run folder: CHECKPOINT=...
 
 consolidate: $(ENV) ## one .pt from a multi-GPU checkpoint folder: CHECKPOINT=checkpoints/x/phase7_step_2000 [OUT=file.pt]
 	$(call need_checkpoint,checkpoints/phase7_1.5b_triton/phase7_step_2000)
-	$(PYTHON) -m engine.consolidate $(CHECKPOINT) $(OUT)
+	$(PYTHON) -m engine.consolidate $(CHECKPOINT) $(OUT) $(ARGS)
 
 export: $(ENV) ## a checkpoint (or run folder) to its phase's format: CHECKPOINT=... OUT=dir (phase7: Llama, hf: its model)
 	$(call need_checkpoint,checkpoints/hf_qwen3_0.6b)
 	@test -n "$(OUT)" || { echo "error: OUT=<folder to write> is required" >&2; exit 2; }
-	$(PYTHON) -m engine.export $(CHECKPOINT) $(OUT)
+	$(PYTHON) -m engine.export $(CHECKPOINT) $(OUT) $(ARGS)
 
 bench-phase7-1.5b: $(ENV) ## GPU: tok/s, MFU, peak memory, largest depth that fits [PEER=1] [MEM_GB=8] [LEVERS=1]
 	$(PYTHON) -m bench.phase7 $(if $(PEER),--peer) $(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(LEVERS),--levers) $(ARGS)

@@ -3,6 +3,8 @@ tokens and packed-shard folders are read here; text files and hub datasets in da
 mixture of sources in data/recipe.py, each source opened here again.
 """
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,48 @@ def packed_stream(folder: Path, n_seq: int, seed: int, split: str, vocab_size: i
         arrays = [open_shard(p)[:real.get(p.name)] for p in paths]
     except ShardError as e:
         raise DataError(f"{e}: rebuild the folder (make data / make data-lite --force)") from None
+    check_token_ids(paths, arrays, vocab_size)
     return TokenStream(arrays, n_seq, seed, split, meta.get("vocab_size", vocab_size), str(folder))
+
+
+def id_range_cache() -> Path:
+    """Our own record of scanned shards: a file in the data folder could come with the data, and lie."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-pretrain" / "token_id_ranges.json"
+
+
+def check_token_ids(paths: list[Path], arrays: list[np.ndarray], vocab_size: int) -> None:
+    """Every token id in [0, vocab_size), found when the data is opened, before the model is built, instead of
+    as an IndexError (on a GPU a device-side assert) mid-run. meta.json's vocab_size is not enough: it is
+    written apart from the shards, and shards also come from elsewhere. So each shard is scanned once; its
+    (min, max) is cached by path, size and modification time (id_range_cache)."""
+    cache_file = id_range_cache()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    ranges, scanned = {}, False
+    for path, tokens in zip(paths, arrays):
+        if tokens.dtype.kind in "iu" and len(tokens):
+            stat = path.stat()
+            key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            if key not in cache:
+                cache[key], scanned = [int(tokens.min()), int(tokens.max())], True
+            ranges[path] = cache[key]
+    if scanned:
+        cache = {k: v for k, v in cache.items() if Path(k.rsplit(":", 2)[0]).exists()}  # forget deleted shards
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home: the next run scans again
+    for path, (low, high) in ranges.items():
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(f"{path} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): "
+                            f"set vocab_size={high + 1} or more, or rebuild the data with the tokenizer the "
+                            "model uses")
 
 
 def missing(spec: str) -> DataError:

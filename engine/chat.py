@@ -1,5 +1,8 @@
 """Chat with a checkpoint: python -m engine.chat CHECKPOINT_OR_RUN_DIR [temperature=0.8 top_k=50 ...]
 
+Besides sampling settings: device=, seed=, verify_checksums=false (load without checking checksums) and
+phase=MODULE (trust a phase module outside phases/ that the checkpoint names).
+
 On a terminal it is a REPL that streams tokens; `/set key value` changes a sampling setting. Without a
 terminal it reads one prompt per line from stdin and prints one completion per line, for scripts.
 The checkpoint names its phase, so phase 7 and mdm checkpoints chat the same way.
@@ -111,7 +114,7 @@ def repl(chat: Chat, settings: SamplingSettings) -> None:
 
 def main(argv: list[str]) -> None:
     path = argv[0] if argv and "=" not in argv[0] else ""
-    options = parse_overrides(argv[1:] if path else argv)
+    options = ckpt.take_loading_options(parse_overrides(argv[1:] if path else argv))
     device, seed = options.pop("device", "auto"), options.pop("seed", None)
     settings = SamplingSettings()
     for key, value in options.items():

@@ -9,12 +9,21 @@ Distributed Checkpoint folder instead (`phase7_step_2000/`, see DistributedCheck
 shards, loadable on any number of ranks, or read whole on one process by load_checkpoint (chat, export,
 `make consolidate`). Folders are read without running code too (engine/dcp_reader.py); `make consolidate`
 turns one into a single .pt.
+
+Every checkpoint is checksummed: a .pt has `NAME.pt.sha256` beside it, a folder `checksums.sha256` inside
+(both in `sha256sum -c` format), written by a background thread after the data, and checked on load
+(verify_checksums=false skips it). A run's folder has `latest`, naming its newest checkpoint; resume=auto
+takes the newest complete checkpoint by step (see newest_checkpoint).
 """
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -29,26 +38,206 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, damaged or belongs to another model; the message says what to do."""
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: a crash never leaves half a file."""
+# Whether load_checkpoint checks checksums when its caller does not say (chat, export and consolidate
+# turn it off for their process with verify_checksums=false; training passes its config's key).
+VERIFY_BY_DEFAULT = True
+
+
+def take_loading_options(options: dict) -> dict:
+    """The options of chat, export and consolidate that concern loading, taken out of `options`:
+    verify_checksums=false, and phase=MODULE to trust a phase module a checkpoint names (see phases/)."""
+    global VERIFY_BY_DEFAULT
+    from engine.config import parse_value
+    from phases import allow_phase_module
+
+    if "verify_checksums" in options:
+        VERIFY_BY_DEFAULT = parse_value("verify_checksums", bool, options.pop("verify_checksums"))
+    if "phase" in options:
+        allow_phase_module(options.pop("phase").strip())
+    return options
+
+
+class KeepsWriteErrors:
+    """A file whose failed write is remembered: torch.save reports one only as "unexpected pos"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def atomic_write_bytes(path: Path, write, size: int = 0) -> None:
+    """Write through a temp file in the same folder, then rename: a crash never leaves half a file. A full
+    disk is a CheckpointError that says so (size: the bytes expected, for the message)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    file = None
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as raw:
+            file = KeepsWriteErrors(raw)
+            write(file)
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = file.error if file is not None and file.error is not None else e
+        if getattr(cause, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(f"no space left on device writing {path} (needs ~{max(size, 1) / 1e9:.2g} GB, "
+                              f"{free / 1e9:.2g} GB free): free space or set out_dir elsewhere; "
+                              "checkpoints already saved are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def tensor_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_bytes(path, lambda f: torch.save(state, f), size=tensor_bytes(state))
 
 
 def save_json(path: Path, value) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
+# --- checksums -------------------------------------------------------------------------------------------------
+
+FOLDER_CHECKSUMS = "checksums.sha256"  # inside a checkpoint folder; a .pt's is NAME.pt.sha256 beside it
+
+
+def checksum_file(path: Path) -> Path:
+    """Where a checkpoint's checksums are: `sha256sum -c` checks them by hand too."""
+    return path / FOLDER_CHECKSUMS if path.is_dir() else path.with_name(f"{path.name}.sha256")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(listing: Path, files: list[Path]) -> None:
+    atomic_write_bytes(listing, lambda f: f.write("".join(f"{sha256_of(p)}  {p.name}\n" for p in files).encode()))
+
+
+def verify_checksums(path: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """Check a checkpoint's files against the checksums written when it was saved: a CheckpointError naming
+    the first file that differs or is missing. part=(i, n): only every n-th file from the i-th (a rank's
+    share). A checkpoint without checksums (saved by an older version, or its save was interrupted between
+    the data and the checksums) loads with a one-line note."""
+    listing = checksum_file(path)
+    if not listing.is_file():
+        if part[0] == 0:  # one note for all ranks
+            print(f"note: {path} has no checksums ({listing.name}; saved by an older version, or interrupted while "
+                  "saving): loaded unverified", file=sys.stderr)
+        return
+    folder = listing.parent
+    for i, line in enumerate(listing.read_text().splitlines()):
+        expected, _, name = line.partition("  ")
+        if i % part[1] != part[0]:
+            continue
+        file = folder / name
+        if "/" in name or not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {listing}): the checkpoint is incomplete; "
+                                  "use an earlier one")
+        if sha256_of(file) != expected:
+            raise CheckpointError(f"{file} does not match its checksum in {listing}: its bytes changed after it "
+                                  "was saved (disk or copy error); use an earlier checkpoint, or "
+                                  "verify_checksums=false to load it anyway")
+
+
+class FileCheckpoints:
+    """A single process's checkpoints: the training thread writes the .pt (temp file, then rename); a background
+    thread then hashes it and writes its checksums and `latest`, so the loop never waits for hashing. One save
+    is in flight at a time; wait() finishes it (the end of a run calls it)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.in_flight: tuple[threading.Thread, list] | None = None
+
+    def save(self, name: str, state: dict, point_latest: bool) -> None:
+        self.wait()
+        path = self.run_dir / f"{name}.pt"
+        checksum_file(path).unlink(missing_ok=True)  # a rewritten best never meets the old file's checksum
+        save_checkpoint(path, state)
+        errors = []
+
+        def finish():
+            try:
+                write_checksums(checksum_file(path), [path])
+                if point_latest:
+                    write_latest(self.run_dir, path)
+            except BaseException as e:  # re-raised in the training thread by wait()
+                errors.append(e)
+
+        thread = threading.Thread(target=finish, name=f"checksum {path.name}")
+        thread.start()
+        self.in_flight = (thread, errors)
+
+    def wait(self) -> None:
+        if self.in_flight is None:
+            return
+        thread, errors = self.in_flight
+        thread.join()
+        self.in_flight = None
+        if errors:
+            raise errors[0]
+
+
+# --- leftovers of interrupted saves ------------------------------------------------------------------------------
+
+WRITER = "writer"  # in a .partial folder: "host pid" of the process that writes it
+
+
+def writer_alive(host: str, pid: int) -> bool:
+    """Whether the process that writes a leftover still runs. One on another host cannot be asked: a run that
+    opens its folder is its only writer, so that one is taken as gone."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Delete half-written saves whose writer is gone: `.NAME.tmp<pid>` files and `.NAME.partial/` folders
+    (a full disk leaves them, and they keep it full). Returns their names."""
+    removed = []
+    for p in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if p.is_file() and (m := re.fullmatch(r"\..+\.tmp(\d+)", p.name)):
+            if not writer_alive(socket.gethostname(), int(m.group(1))):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        elif p.is_dir() and re.fullmatch(r"\..+\.partial", p.name):
+            host, _, pid = (p / WRITER).read_text().partition(" ") if (p / WRITER).is_file() else ("", "", "0")
+            if not writer_alive(host, int(pid or 0)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(f"{p.name}/")
+    return removed
 
 
 def rng_state() -> dict:
@@ -72,15 +261,26 @@ def missing_checkpoint(path: Path) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} not found: give CHECKPOINT=<path to a .pt file or checkpoint folder>")
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", lazy: bool = False) -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", lazy: bool = False, verify: bool | None = None) -> dict:
     """A whole checkpoint on the CPU: a .pt file, or a Distributed Checkpoint folder read into one process.
     lazy: tensors are read when used (a .pt is memory-mapped; a folder gives its plain values only, for
-    DistributedCheckpoints.load to read the shards)."""
-    path = Path(path)
+    DistributedCheckpoints.load to read the shards). verify: check its checksums first (not when lazy: the
+    caller reading the tensors checks them, see DistributedCheckpoints.load)."""
+    path, verify = Path(path), VERIFY_BY_DEFAULT if verify is None else verify
     if is_distributed_checkpoint(path):
-        return read_train_state(path) if lazy else read_distributed_checkpoint(path)
+        if lazy:
+            return read_train_state(path)
+        if verify:
+            verify_checksums(path)
+        return read_distributed_checkpoint(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder but not a complete checkpoint folder (no .metadata and "
+                              f"{TRAIN_STATE}): give a .pt file or a checkpoint folder; chat and export also take a "
+                              "run folder")
     if not path.is_file():
         raise missing_checkpoint(path)
+    if verify and not lazy:
+        verify_checksums(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=lazy)
     except Exception as e:  # truncated zip, foreign pickle, disk error: all mean "not a usable checkpoint"
@@ -145,27 +345,24 @@ def resolve_checkpoint(path: str) -> Path:
 
 # --- resume=auto --------------------------------------------------------------------------------------------
 
-LATEST = "latest"  # names the newest complete checkpoint of a run on several ranks; written after it
+LATEST = "latest"  # names a run's newest checkpoint; rewritten after each save but best's
+
+
+def checkpoint_step(path: Path) -> int:
+    if m := re.fullmatch(r".+_step_(\d+)", checkpoint_name(path)):
+        return int(m.group(1))
+    return load_checkpoint(path, lazy=True)["step"]
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    """resume=auto's checkpoint: the one `latest` names, else the step or final checkpoint with the highest step.
-    A run on several ranks writes `latest` once a checkpoint folder is complete; a single process's .pt files
-    are complete by construction (written to a temp file, then renamed), so the highest step is the newest.
-    A best checkpoint is never the answer: it is rewritten in place, while step and final ones are not."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        target = run_dir / pointer.read_text().strip()
-        if target.name and target in checkpoints_in(run_dir):
-            return target
-    steps = []
-    for p in checkpoints_in(run_dir):
-        if m := re.fullmatch(r".+_step_(\d+)", checkpoint_name(p)):
-            steps.append((int(m.group(1)), 0, p))
-        elif checkpoint_name(p).endswith("_final"):
-            steps.append((load_checkpoint(p, lazy=True)["step"], 1, p))
-    return max(steps)[2] if steps else None
+    """resume=auto's checkpoint: of the complete step and final checkpoints, .pt files and folders alike, the
+    one of the highest step (the later written on a tie). One rule for both formats: after a run moves from
+    several ranks to one process, its newer .pt files win over its older folders. Complete: a .pt is written
+    to a temp file and renamed, a folder renamed once every rank's part is in. A best checkpoint is never the
+    answer: it is rewritten in place, while step and final ones are not."""
+    candidates = [p for p in checkpoints_in(Path(run_dir))
+                  if re.fullmatch(r".+_step_\d+", checkpoint_name(p)) or checkpoint_name(p).endswith("_final")]
+    return max(candidates, key=lambda p: (checkpoint_step(p), p.stat().st_mtime_ns), default=None)
 
 
 def resume_path(resume: str, out_dir: str) -> Path | None:
@@ -205,6 +402,8 @@ def read_distributed_checkpoint(path: Path) -> dict:
         stored = dcp_reader.read_whole(path)
     except dcp_reader.UnsafeCheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    except dcp_reader.DamagedCheckpointError as e:
+        raise CheckpointError(f"{path} is damaged or incomplete ({e}); use an earlier checkpoint") from None
     rng = stored.get("rng", {}).get("rank0", {})
     rng = {"torch": rng["torch"], "cuda": [rng["cuda"]] if "cuda" in rng else []} if rng else None
     return {**read_train_state(path), "model": stored["model"], "optimizer": stored["optimizer"], "rng": rng}
@@ -285,6 +484,7 @@ class DistributedCheckpoints:
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while writing it
             partial.mkdir(parents=True)
+            (partial / WRITER).write_text(f"{socket.gethostname()} {os.getpid()}")  # see remove_leftovers
         dist.barrier(group=self.group)  # no rank writes into the folder before it is there, empty
         model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state,
@@ -305,7 +505,10 @@ class DistributedCheckpoints:
         self.in_flight = (done, errors)
 
     def publish(self, partial: Path, final: Path, train_state: dict, point_latest: bool) -> None:
+        """In the background thread, after every rank's shards are written: checksums, then the rename."""
+        (partial / WRITER).unlink()
         save_json(partial / TRAIN_STATE, train_state)
+        write_checksums(partial / FOLDER_CHECKSUMS, sorted(p for p in partial.iterdir() if p.is_file()))
         old = final.with_name(f".{final.name}.old")
         if final.exists():  # best (and a re-saved final) replace an earlier folder of the same name
             shutil.rmtree(old, ignore_errors=True)
@@ -322,16 +525,27 @@ class DistributedCheckpoints:
         done.wait()
         self.in_flight = None
         if errors:
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            from engine import dcp_reader
+
+            if isinstance(errors[0], CheckpointException):  # a BaseException with every rank's traceback
+                raise CheckpointError(f"saving a checkpoint folder in {self.run_dir} failed: "
+                                      f"{dcp_reader.first_failure(errors[0])}") from None
             raise errors[0]
 
-    def load(self, path: Path, model, optimizer) -> dict | None:
+    def load(self, path: Path, model, optimizer, verify: bool = True) -> dict | None:
         """The checkpoint's shards into this rank's model and optimizer, at any world size: from a folder
         (DCP reshards) or a single process's .pt (each rank takes its slice). Returns this rank's RNG state,
         or None when the checkpoint has none for this rank (it was saved by fewer ranks)."""
-        from engine import dcp_reader
+        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                              set_optimizer_state_dict, set_state_dict)
 
+        from engine import dcp_reader
+
+        if verify:  # each rank checks its share of the files
+            verify_checksums(path, (self.rank, dist.get_world_size()))
         if not is_distributed_checkpoint(path):
             state = load_checkpoint(path, lazy=True)
             whole = StateDictOptions(full_state_dict=True)
@@ -347,12 +561,12 @@ class DistributedCheckpoints:
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
             stored = dcp_reader.read_metadata(path).state_dict_metadata
-        except dcp_reader.UnsafeCheckpointError as e:
+            rng = rank_rng_state(self.device)
+            if all(f"rng.rank{self.rank}.{key}" in stored for key in rng):
+                state["rng"] = {f"rank{self.rank}": rng}
+            dcp_reader.load(state, path)
+        except (dcp_reader.UnsafeCheckpointError, dcp_reader.DamagedCheckpointError) as e:
             raise CheckpointError(f"{path}: {e}") from None
-        rng = rank_rng_state(self.device)
-        if all(f"rng.rank{self.rank}.{key}" in stored for key in rng):
-            state["rng"] = {f"rank{self.rank}": rng}
-        dcp_reader.load(state, path)
         set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         return state.get("rng", {}).get(f"rank{self.rank}")

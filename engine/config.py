@@ -81,6 +81,7 @@ class Config:
     eval_every: int = 200
     eval_batches: int = 20  # val batches per evaluation (fixed windows, so evals are comparable)
     save_every: int = 2000
+    verify_checksums: bool = True  # check each checkpoint file against the checksums written when it was saved
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         """Tokens per optimizer step over all ranks: batch_size is each rank's micro-batch."""
@@ -105,6 +106,15 @@ class Config:
                               f" = {per_step}; got '{size}'")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
+        for key in ("warmup_steps", "weight_decay", "grad_clip"):  # `not >= 0` also refuses NaN
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"max_bad_steps must be >= 1 (the run stops after that many non-finite steps in a row)"
+                              f", got {self.max_bad_steps}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be in [0, 1), got {getattr(self, key)}")
         if self.epochs < 0 or self.flops_budget < 0:
             raise ConfigError("epochs and flops_budget must be >= 0")
         if self.epochs > 0 and self.flops_budget > 0:

@@ -6,28 +6,57 @@ when loaded. Here the index is unpickled with an allowlist of the classes DCP it
 values with weights_only=True, as this repo loads every .pt, so a checkpoint folder is as safe to load as a file.
 """
 
+import contextlib
 import io
 import pickle
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-OTHER_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                 ("pathlib", "WindowsPath"), ("pathlib._local", "PosixPath"), ("pathlib._local", "WindowsPath")}
+# Every class a DCP index holds, found by saving a folder (model, optimizer, RNG; bf16, fp32 and uint8
+# tensors) with torch 2.13 and listing the globals its pickle looks up; each is older than torch 2.11, the
+# oldest torch we run. Exact pairs: no other name of these modules (e.g. filesystem's `os`, reachable as
+# the dotted name `os.system`) is ever looked up.
+DCP_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}  # the folder's path (_local: Python 3.13 pickles)
+DTYPES = {("torch", name) for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
 
 
 class UnsafeCheckpointError(Exception):
     """A checkpoint folder whose index names something DCP never writes there."""
 
 
+class DamagedCheckpointError(Exception):
+    """A checkpoint folder DCP could not read (a shard missing or truncated): DCP's own CheckpointException
+    derives from BaseException and carries every rank's traceback; this carries its first line."""
+
+
+def first_failure(e: CheckpointException) -> str:
+    """The first rank's error as one line, e.g. "FileNotFoundError: ... __1_0.distcp"."""
+    for error, _ in e.failures.values():
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    return "unknown error"
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    try:
+        yield
+    except CheckpointException as e:
+        raise DamagedCheckpointError(first_failure(e)) from None
+
+
 class IndexUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not (module in DCP_MODULES or (module, name) in OTHER_GLOBALS or is_dtype):
+        if (module, name) not in DCP_CLASSES | DTYPES:  # a dotted name is never in the set: refused too
             raise UnsafeCheckpointError(f"its .metadata refers to {module}.{name}, which a Distributed Checkpoint "
                                         "index never holds: refused to load it")
         return super().find_class(module, name)
@@ -63,13 +92,17 @@ class WholePlanner(ValuesWithoutCode, _EmptyStateDictLoadPlanner):
 
 
 def read_metadata(path) -> object:
-    return Reader(str(path)).read_metadata()
+    try:
+        return Reader(str(path)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as e:
+        raise DamagedCheckpointError(f".metadata is truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def load(state: dict, path) -> None:
     """dcp.load into a (sharded) state dict, on every rank of the default group."""
     read_metadata(path)  # refuses a doubtful index here, not wrapped in DCP's collective error
-    dcp.load(state, storage_reader=Reader(str(path)), planner=Planner())
+    with one_line_errors():
+        dcp.load(state, storage_reader=Reader(str(path)), planner=Planner())
 
 
 def read_whole(path) -> dict:
@@ -79,5 +112,6 @@ def read_whole(path) -> dict:
 
     read_metadata(path)
     state: dict = {}
-    _load_state_dict(state, storage_reader=Reader(str(path)), planner=WholePlanner(), no_dist=True)
+    with one_line_errors():
+        _load_state_dict(state, storage_reader=Reader(str(path)), planner=WholePlanner(), no_dist=True)
     return state

@@ -7,13 +7,19 @@ its config keys and the loss only.
 The same loop runs on N ranks under torchrun (`make train ... NPROC=N`): the model is sharded with FSDP2
 (engine/distributed.py), rank r takes the r-th slice of each micro-step's windows, the loss is averaged over
 ranks, only rank 0 prints and writes logs, and checkpoints are Distributed Checkpoint folders.
+
+SIGTERM or SIGUSR1 (what Slurm, Kubernetes and scancel send before they kill a job) stop the run after the
+step in progress: every rank saves a checkpoint, `latest` names it, and the process exits with PREEMPTED_EXIT,
+so that a requeued job's resume=auto continues from it.
 """
 
 import contextlib
 import gc
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +36,12 @@ from engine.plot import save_loss_plot
 from phases import get_phase, load_config
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12}
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended: non-zero, so Kubernetes restarts the pod
+# (a podFailurePolicy can match it) and a Slurm script requeues, where 0 would mark the job done.
+PREEMPTED_EXIT = 128 + signal.SIGTERM
 
 
 class TrainingError(UserError):
@@ -88,6 +100,22 @@ def autocast_for(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """While the loop runs, SIGTERM and SIGUSR1 are noted (in the list yielded) instead of ending the process
+    mid-step; the loop reads the list after each step. Only the main thread can install handlers."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def to_cpu(state):
     """A copy of a (nested) state dict with every tensor on the CPU."""
     if isinstance(state, torch.Tensor):
@@ -122,13 +150,18 @@ class Trainer:
         self.world, self.device = init_world(pick_device(cfg))
         if self.world.active:
             check_supported(cfg)
+        self.out_dir = Path(cfg.out_dir)
+        self.saving = cfg.fast_dev_run == 0
+        if self.saving and self.world.rank == 0:
+            removed = ckpt.remove_leftovers(self.out_dir)
+            if removed:
+                print(f"removed leftovers of interrupted saves in {self.out_dir}/: {', '.join(removed)}")
         self.resume_from = ckpt.resume_path(cfg.resume, cfg.out_dir)  # resume=auto: the newest, if any
         resume_state = None
         if self.resume_from:  # check before building anything, so a wrong checkpoint fails fast
-            resume_state = ckpt.load_checkpoint(self.resume_from, lazy=self.world.active)
+            resume_state = ckpt.load_checkpoint(self.resume_from, lazy=self.world.active,
+                                                verify=cfg.verify_checksums)
             ckpt.check_compatible(resume_state, cfg, self.resume_from)
-        self.out_dir = Path(cfg.out_dir)
-        self.saving = cfg.fast_dev_run == 0
         self.writes_files = self.saving and self.world.rank == 0  # logs, plots, config: rank 0 alone
         torch.manual_seed(cfg.seed)
         self.train_data = open_data(cfg.data, "train", cfg.n_seq, cfg.seed, cfg.vocab_size, cfg.tokenizer)
@@ -144,10 +177,11 @@ class Trainer:
             cfg.max_steps = steps_for_epochs(cfg, self.train_data.num_tokens, self.world.size)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.checkpoints = (ckpt.DistributedCheckpoints(self.out_dir, self.world.rank, self.device)
-                            if self.world.active else None)
+                            if self.world.active else ckpt.FileCheckpoints(self.out_dir))
         # sequences_drawn counts the training sequences used: a skipped step's batches are not drawn again
         self.step, self.tokens_seen, self.sequences_drawn, self.best_val_loss = 0, 0, 0, float("inf")
         self.log: list[dict] = []
+        self.stopped = False  # by a stop signal, after saving (fit)
         self.micro_batch_size, self.accumulation_steps = self.split_of_each_step()
         if resume_state is not None:
             self.resume(resume_state)
@@ -220,7 +254,7 @@ class Trainer:
 
     def resume(self, state: dict) -> None:
         if self.world.active:  # each rank reads its shards (and its own RNG state) from the checkpoint
-            rng = self.checkpoints.load(self.resume_from, self.model, self.optimizer)
+            rng = self.checkpoints.load(self.resume_from, self.model, self.optimizer, self.cfg.verify_checksums)
         else:
             self.model.load_state_dict(state["model"])
             ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
@@ -258,7 +292,7 @@ class Trainer:
             self.checkpoints.save(f"{self.phase.name}_{name}", self.model, self.optimizer,
                                   {**self.train_state(), "world_size": self.world.size}, point_latest=name != "best")
         else:
-            ckpt.save_checkpoint(self.out_dir / f"{self.phase.name}_{name}.pt", self.checkpoint_state())
+            self.checkpoints.save(f"{self.phase.name}_{name}", self.checkpoint_state(), point_latest=name != "best")
 
     def batch(self, stream, first: int, size: int) -> torch.Tensor:
         """Windows first..first+size-1 of a stream, on the device."""
@@ -298,7 +332,40 @@ class Trainer:
         # Averaged over ranks: every rank then takes the same decision on a non-finite step
         return self.world.mean(loss_sum), self.optimizer.end_step()
 
+    def stop_requested(self, received: list[int]) -> bool:
+        """Whether any rank got a stop signal: every rank then stops after the same step."""
+        if not self.world.active:
+            return bool(received)
+        import torch.distributed as dist
+
+        flag = torch.tensor(float(bool(received)), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def stop(self, received: list[int]) -> None:
+        """After a stop signal: save this step on every rank (if its save_every save has not), name it `latest`."""
+        name = f"step_{self.step}"
+        if self.step % self.cfg.save_every != 0:
+            self.save(name)
+        self.checkpoints.wait()
+        what = signal.Signals(received[0]).name if received else "stop signal (another rank's)"
+        saved = self.out_dir / f"{self.phase.name}_{name}{'' if self.world.active else '.pt'}"
+        if self.saving:
+            print(f"{what}: stopped after step {self.step} and saved {saved}; exiting with code {PREEMPTED_EXIT} "
+                  "(resume=auto continues from it)", flush=True)
+        else:
+            print(f"{what}: stopped after step {self.step} (fast_dev_run saves nothing); "
+                  f"exiting with code {PREEMPTED_EXIT}", flush=True)
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.stopped = True
+
     def fit(self) -> None:
+        """Train to the last step, or until a stop signal (then self.stopped, see stop)."""
+        with stop_signals() as received:
+            self.train_until_done(received)
+
+    def train_until_done(self, received: list[int]) -> None:
         cfg = self.cfg
         if self.saving:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,9 +409,11 @@ class Trainer:
                 self.save("best")
             if self.step % cfg.save_every == 0:
                 self.save(f"step_{self.step}")
+            if self.stop_requested(received):
+                self.stop(received)
+                return
         self.save("final")
-        if self.checkpoints is not None:  # the last background save, complete and named by `latest`
-            self.checkpoints.wait()
+        self.checkpoints.wait()  # the last background save, complete and named by `latest`
         if self.wandb is not None:
             self.wandb.finish()
         if self.saving:
@@ -403,8 +472,11 @@ def main(argv: list[str]) -> None:
     if cfg.print_config:
         print(dump_config(cfg), end="")
         return
-    Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    trainer.fit()
     shutdown()  # under torchrun; a failure leaves the group to torchrun, which stops every rank
+    if trainer.stopped:
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 Each phases/<name>/__init__.py defines `PHASE = Phase(...)`. Adding a phase adds no training loop and no
 edit in engine/: the engine reads what it needs from the Phase and from the model's `LanguageModel` methods.
-A phase kept elsewhere is named by its module path (`phase: tests.toy_phase`). The registry also reads a run's
-config (load_config, config_from_dict): the phase it names decides the config class.
+A phase kept elsewhere is named by its module path (`phase: tests.toy_phase`), and only by the user: a
+module path is imported when the user's own config file or command line names it (load_config calls
+allow_phase_module), never because a checkpoint says so, or a downloaded checkpoint could name a file of its
+own folder (`phase: checkpoints.evilrun.payload`) and have it run on chat, export and resume. The registry
+also reads a run's config (load_config, config_from_dict): the phase it names decides the config class.
 """
 
 import importlib
@@ -64,7 +67,23 @@ class Phase:
     resolve_config: Callable | None = None
 
 
+# Module paths of phases outside phases/ that the user named in this process.
+USER_NAMED_MODULES: set[str] = set()
+
+
+def allow_phase_module(name: str) -> None:
+    USER_NAMED_MODULES.add(name)
+
+
 def get_phase(name: str) -> Phase:
+    """The phase named: a folder of phases/, or a module path the user named (see allow_phase_module)."""
+    if "." in name and name not in USER_NAMED_MODULES:
+        raise ConfigError(f"phase '{name}' is a module path that your own config or command line does not name: "
+                          f"only those are imported (give phase={name} if you trust that module's code); "
+                          f"phases of phases/: {', '.join(phase_names())}")
+    if "." not in name and name not in phase_names():  # never a path or a name import_module would reinterpret
+        raise ConfigError(f"unknown phase '{name}': phases are the folders of phases/ "
+                          f"({', '.join(phase_names())}) or a module path")
     module_name = name if "." in name else f"phases.{name}"
     try:
         module = importlib.import_module(module_name)
@@ -98,6 +117,8 @@ def load_config(path: str | None, overrides: dict | list[str] | None = None) -> 
     overrides = overrides or {}
     from_file = read_yaml(path) if path else {}
     phase = str(overrides.get("phase", from_file.get("phase", Config.phase))).strip()
+    if "." in phase:  # a phase outside phases/, named by the user's own file or command line: trusted
+        allow_phase_module(phase)
     return build_config(get_phase(phase).config, [(path, from_file), (None, overrides)], owners_of)
 
 

@@ -72,7 +72,8 @@ def test_only_rank_0_prints_and_writes_the_run_files(two_ranks):
                                                      "phase7_step_6", "training_log.json"]
     assert (run / "latest").read_text().strip() == "phase7_final"
     assert sorted(p.name for p in (run / "phase7_step_4").iterdir()) == [".metadata", "__0_0.distcp",
-                                                                         "__1_0.distcp", "train_state.json"]
+                                                                         "__1_0.distcp", "checksums.sha256",
+                                                                         "train_state.json"]
     assert [r["step"] for r in log_of(run)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -157,8 +158,8 @@ def test_resume_auto_in_a_single_process(tmp_path, capsys):
     (run / "phase7_step_4.pt").write_bytes((run / "phase7_final.pt").read_bytes())  # a name with a higher step
     (run / ".phase7_step_6.partial").mkdir()  # half-written: never chosen
     assert ckpt.newest_checkpoint(run) == run / "phase7_step_4.pt"
-    (run / "latest").write_text("phase7_step_2.pt\n")  # a pointer, when there is one, decides
-    assert ckpt.newest_checkpoint(run) == run / "phase7_step_2.pt"
+    (run / "latest").write_text("phase7_step_2.pt\n")  # an older pointer (e.g. of other ranks) never sends it back
+    assert ckpt.newest_checkpoint(run) == run / "phase7_step_4.pt"
 
 
 def test_what_fsdp_cannot_do_is_an_error_before_anything_is_built():

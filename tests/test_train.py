@@ -36,8 +36,10 @@ def test_run_writes_log_checkpoints_and_config(tmp_path, capsys):
     train(tmp_path, "max_steps=6")
     run = tmp_path / "run"
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["config.yaml", "loss.png", "phase7_best.pt", "phase7_final.pt", "phase7_step_3.pt",
-                     "phase7_step_6.pt", "training_log.json"]
+    checkpoints = ["phase7_best.pt", "phase7_final.pt", "phase7_step_3.pt", "phase7_step_6.pt"]
+    assert names == sorted(["config.yaml", "latest", "loss.png", "training_log.json", *checkpoints,
+                            *(f"{name}.sha256" for name in checkpoints)])
+    assert (run / "latest").read_text() == "phase7_final.pt\n"
     assert (run / "loss.png").read_bytes().startswith(b"\x89PNG")  # redrawn at each evaluation
     log = json.loads((run / "training_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
