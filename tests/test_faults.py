@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import engine.train
-from data.loader import DataError
+from data.stream import DataError
 from engine import checkpoint as ckpt
 from engine.cli import run_cli
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
 from engine.train import PREEMPTED_EXIT, Trainer
+from phases import load_config
 from tests import faults
 from tests.test_distributed import ROOT, TINY, log_of, same_log, torchrun
 

@@ -10,10 +10,10 @@ import pytest
 
 from engine import checkpoint as ckpt
 from engine.chat import main as chat
-from engine.config import load_config
 from engine.consolidate import main as consolidate
 from engine.export import main as export
 from engine.train import Trainer
+from phases import load_config
 from tests.test_distributed import TINY, torchrun
 from tests.test_faults import one_line_error
 
