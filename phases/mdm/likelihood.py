@@ -127,4 +127,4 @@ class DiffusionScorer:
 def request_seed(context: torch.Tensor, continuation: torch.Tensor, seed: int) -> int:
     """A seed from the request's tokens, so its Monte Carlo masks do not depend on what was scored before it."""
     tokens = np.concatenate([context.cpu().numpy(), [-1], continuation.cpu().numpy()]).astype(np.int64)
-    return zlib.crc32(tokens.tobytes()) + (seed << 32)
+    return zlib.crc32(tokens.tobytes(), seed)
