@@ -140,7 +140,7 @@ def evaluate_checkpoint(checkpoint: Path, names: list[str], manager, limit=None,
     import lm_eval
 
     record = {"checkpoint": str(checkpoint), "phase": model.phase.name, "tasks": names, "limit": limit,
-              "options": vars(model.options), "lm_eval": lm_eval.__version__, "results": results["results"],
+              "args": options or {}, "options": vars(model.options), "lm_eval": lm_eval.__version__, "results": results["results"],
               "n-samples": results.get("n-samples", {})}
     ckpt.atomic_write_bytes(result_path(checkpoint, names),
                             lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
@@ -148,6 +148,30 @@ def evaluate_checkpoint(checkpoint: Path, names: list[str], manager, limit=None,
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return results
+
+
+def headline_metric(metrics: dict) -> tuple[str, float] | None:
+    """The number a task is compared by: acc_norm, else acc, else exact_match, else its first metric."""
+    values = {key.partition(",")[0]: v for key, v in metrics.items()
+              if "," in key and "_stderr" not in key and isinstance(v, (int, float))}
+    for name in ("acc_norm", "acc", "exact_match", *values):
+        if name in values:
+            return name, float(values[name])
+    return None
+
+
+def benchmark_scores(run_dir: Path, tasks: str, limit=None, options: dict | None = None) -> dict[str, float]:
+    """{task: headline value} of a run's best/final/latest checkpoint, for the scaling table; read back from its
+    eval file when one was written with the same tasks, LIMIT and ARGS."""
+    names, folders, hub = split_tasks(tasks)
+    checkpoint = ckpt.resolve_checkpoint(str(run_dir))
+    path = result_path(checkpoint, names)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("limit") != limit or record.get("args") != (options or {}):
+        record = {"results": evaluate_checkpoint(checkpoint, names, load_tasks(names, folders, hub), limit,
+                                                 options)["results"]}
+    return {task: found[1] for task in names
+            if (found := headline_metric(record["results"].get(task, {}))) is not None}
 
 
 def table_rows(run: str, results: dict) -> list[dict]:

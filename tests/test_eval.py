@@ -156,3 +156,20 @@ def test_bad_input_is_one_clear_line(work, tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: task(s) arc_easy need their datasets"), result.stderr
+
+
+def test_scaling_table_and_plot_carry_benchmark_scores(work):
+    from engine import scaling
+
+    tmp, tasks = work
+    config = tmp / "tiny.yaml"
+    config.write_text("".join(f"{line.replace('=', ': ')}\n" for line in MODEL)
+                      + f"data: {tmp / 'data'}\ntokenizer: {tmp / 'tokenizer.json'}\neval_batches: 1\n")
+    out = tmp / "scaling"
+    scaling.main(["--phase", "phase7", "--sizes", str(config), "--budgets", "4e8", "--out", str(out),
+                  "--eval-tasks", str(tasks["next_word"]), "--eval-args", "batch_size=8"])
+    rows = scaling.load_results(out, "phase7")
+    assert len(rows) == 1 and 0 <= rows[0]["next_word"] <= 1 and rows[0]["steps"] >= 1
+    assert "| next_word |" in (out / "phase7_scaling.md").read_text()
+    assert (out / "phase7_scaling.png").stat().st_size > 0
+    assert (out / rows[0]["run"] / "eval_next_word.json").is_file()
