@@ -7,6 +7,7 @@ Each run gets eval_<tasks>.json beside its checkpoint; one table (run, task, met
 The model is engine/lm_eval_model.py's, scoring as its phase says (engine/likelihood.py, Phase.scorer).
 """
 
+import functools
 import json
 import logging
 import os
@@ -74,16 +75,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@functools.cache
+def task_manager(folders: tuple[str, ...]):
+    """lm-eval's index of its tasks and ours: built once per process (it reads every task YAML it ships, seconds)."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(folders) or None)
+
+
 def load_tasks(names: list[str], folders: list[str], hub: list[str]):
     """lm-eval's TaskManager with our include path, after checking that every task exists and its data loads:
     a task whose dataset is not cached, with the hub out of reach, fails here in one line, before any model."""
     if hub and not hub_reachable():
         # Else datasets retries for a minute per task; must be set before datasets and the hub client load.
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=folders or None)
+    manager = task_manager(tuple(folders))
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown task(s) {', '.join(unknown)}: give lm-eval task names (`lm_eval ls tasks`) "
@@ -127,8 +134,8 @@ def result_path(checkpoint: Path, names: list[str]) -> Path:
 def evaluate_checkpoint(checkpoint: Path, names: list[str], manager, limit=None, options: dict | None = None,
                         log_samples: bool = False) -> dict:
     """lm-eval's results for one checkpoint, also written to eval_<tasks>.json beside it."""
+    import lm_eval
     import torch
-    from lm_eval import simple_evaluate
 
     from engine.lm_eval_model import CheckpointLM
 
@@ -136,9 +143,8 @@ def evaluate_checkpoint(checkpoint: Path, names: list[str], manager, limit=None,
     if model.phase.name == "mdm" and not getattr(model.options, "greedy", True):
         print("note: mdm with greedy=false scores is_greedy as false (LAMBADA's acc reads 0); ARGS=\"greedy=true\" "
               "computes it by greedy unmasking", file=sys.stderr)
-    results = simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples)
-    import lm_eval
-
+    results = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
+                                      log_samples=log_samples)
     record = {"checkpoint": str(checkpoint), "phase": model.phase.name, "tasks": names, "limit": limit,
               "args": options or {}, "options": vars(model.options), "lm_eval": lm_eval.__version__, "results": results["results"],
               "n-samples": results.get("n-samples", {})}

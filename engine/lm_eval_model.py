@@ -6,6 +6,9 @@ The checkpoint, tokenizer and device come as for chat (bf16 on CUDA); scoring co
 (Phase.scorer, engine/likelihood.py); generate_until is the phase's own cached decoding, greedy.
 """
 
+import dataclasses
+import sys
+
 import lm_eval.models  # noqa: F401  lm-eval loads its own models only while its registry is empty: before ours
 import torch
 from lm_eval.api.model import TemplateLM
@@ -17,8 +20,20 @@ from engine import checkpoint as ckpt
 from engine.chat import Chat
 from engine.likelihood import CausalScorer, context_length, parse_options
 from engine.sampling import SamplingSettings
+from phases import all_phases
 
 DEFAULT_GENERATION = 256  # new tokens when a task sets no max_gen_toks, as lm-eval's hf model
+
+
+def own_options(scorer_class, phase: str, options: dict) -> dict[str, str]:
+    """The options for this phase's scorer. One that only another phase's scorer takes (mc_num on a phase 7
+    run of a folder that also holds mdm runs) is left out with a note; one no scorer takes stays, to be refused."""
+    own = {f.name for f in dataclasses.fields(scorer_class.options_class)}
+    elsewhere = {f.name for p in all_phases() for f in dataclasses.fields((p.scorer or CausalScorer).options_class)}
+    ignored = [key for key in options if key not in own and key in elsewhere]
+    if ignored:
+        print(f"note: {', '.join(ignored)} ignored: {phase} takes {', '.join(sorted(own))}", file=sys.stderr)
+    return {key: str(value) for key, value in options.items() if key not in ignored}
 
 
 @register_model("engine")
@@ -29,7 +44,7 @@ class CheckpointLM(TemplateLM):
         self.loaded = Chat(self.path, device)  # model, tokenizer, device and phase, as chat loads them
         self.model, self.tokenizer, self.phase = self.loaded.model, self.loaded.tokenizer, self.loaded.phase
         scorer_class = self.phase.scorer or CausalScorer
-        self.options = parse_options(scorer_class.options_class, {k: str(v) for k, v in options.items()})
+        self.options = parse_options(scorer_class.options_class, own_options(scorer_class, self.phase.name, options))
         self.scorer = scorer_class(self.model, self.options)
         self.max_length = context_length(self.model)
 

@@ -138,7 +138,7 @@ def test_limit_and_batch_size_do_not_change_results(work):
 
 def test_a_folder_of_runs_gives_one_table_and_a_file_per_run(work):
     tmp, tasks = work
-    rows = evaluate(str(tmp / "runs"), str(tasks["next_word"]), limit=2, options={"batch_size": "4"})
+    rows = evaluate(str(tmp / "runs"), str(tasks["next_word"]), limit=2, options={"batch_size": "4", "mc_num": "8"})
     assert sorted({row["run"] for row in rows}) == ["mdm", "phase7"]
     assert all(row["task"] == "next_word" and row["metric"] == "acc" for row in rows)
     for run in ("mdm", "phase7"):
@@ -150,7 +150,7 @@ def test_bad_input_is_one_clear_line(work, tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         split_tasks(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="unknown eval option"):
-        evaluate(str(tmp / "runs" / "phase7"), str(tasks["next_word"]), options={"mc_num": "8"})
+        evaluate(str(tmp / "runs" / "phase7"), str(tasks["next_word"]), options={"mc_nun": "8"})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([sys.executable, "-m", "engine.evaluate", str(tmp / "runs" / "phase7"), "arc_easy"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
