@@ -68,6 +68,8 @@ def split_tasks(text: str) -> tuple[list[str], list[str], list[str]]:
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # through a proxy only the hub client can tell: let it try
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -97,7 +99,7 @@ def load_tasks(names: list[str], folders: list[str], hub: list[str]):
                           "or task YAML paths")
     try:
         manager.load(names)
-    except (ConnectionError, FileNotFoundError, OSError) as e:
+    except OSError as e:  # ConnectionError, FileNotFoundError: the dataset is neither cached nor reachable
         if os.environ.get("HF_DATASETS_OFFLINE") != "1":
             raise
         raise ConfigError(f"task(s) {', '.join(hub)} need their datasets from the Hugging Face hub, which are not "
