@@ -33,7 +33,7 @@ need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> i
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints \
-	train-hf train-hf-test export bench-hf
+	train-hf train-hf-test export bench-hf eval
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  %-26s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -125,9 +125,10 @@ sweep: $(ENV) ## grid search: CONFIG=... GRID="learning_rate=1e-4,2e-4 batch_siz
 	@test -n "$(CONFIG)" -a -n "$(GRID)" || { echo 'error: CONFIG=configs/<name>.yaml and GRID="key=v1,v2 ..." are required' >&2; exit 2; }
 	$(PYTHON) -m engine.sweep $(CONFIG) $(GRID) $(if $(OUT),--out $(OUT)) $(ARGS)
 
-scaling: $(ENV) ## loss vs FLOPs: PHASE=mdm|phase7 SIZES="6M,170M" BUDGETS="1e18,3e18" [OUT=dir]; both phases: the gap
+scaling: $(ENV) ## loss vs FLOPs: PHASE=mdm|phase7 SIZES="6M,170M" BUDGETS="1e18,3e18" [OUT=dir] [EVAL_TASKS=piqa,arc_easy]; both phases: the gap
 	$(PYTHON) -m engine.scaling $(if $(PHASE),--phase $(PHASE)) $(if $(SIZES),--sizes "$(SIZES)") \
-		$(if $(BUDGETS),--budgets "$(BUDGETS)") $(if $(OUT),--out $(OUT)) $(if $(COMPARE),--compare) $(ARGS)
+		$(if $(BUDGETS),--budgets "$(BUDGETS)") $(if $(OUT),--out $(OUT)) $(if $(COMPARE),--compare) \
+		$(if $(EVAL_TASKS),--eval-tasks "$(EVAL_TASKS)") $(if $(EVAL_ARGS),--eval-args "$(EVAL_ARGS)") $(ARGS)
 
 plot: $(ENV) ## training curves as PNGs: RUN=checkpoints/x [RUN2=...] [RUNS="a b c"] [OUT=file.png]; a sweep folder: all its runs
 	@test -n "$(RUN)$(RUNS)" || { echo 'error: RUN=<run or sweep folder> is required, e.g. make plot RUN=checkpoints/phase7_test' >&2; exit 2; }
@@ -143,6 +144,11 @@ chat: $(ENV) ## chat with any checkpoint or run folder: CHECKPOINT=...
 consolidate: $(ENV) ## one .pt from a multi-GPU checkpoint folder: CHECKPOINT=checkpoints/x/phase7_step_2000 [OUT=file.pt]
 	$(call need_checkpoint,checkpoints/phase7_1.5b_triton/phase7_step_2000)
 	$(PYTHON) -m engine.consolidate $(CHECKPOINT) $(OUT) $(ARGS)
+
+eval: $(ENV) ## benchmarks (lm-eval): CHECKPOINT=<checkpoint, run or sweep folder> TASKS=hellaswag,arc_easy,task.yaml [LIMIT=N] [ARGS="batch_size=16 mc_num=128 nll=mc|chain_rule cfg=0 greedy=false"]
+	$(call need_checkpoint,checkpoints/phase7_test)
+	@test -n "$(TASKS)" || { echo "error: TASKS=<lm-eval task names or task YAML paths> is required, e.g. TASKS=hellaswag,arc_easy" >&2; exit 2; }
+	$(PYTHON) -m engine.evaluate $(CHECKPOINT) "$(TASKS)" $(if $(LIMIT),limit=$(LIMIT)) $(ARGS)
 
 export: $(ENV) ## a checkpoint (or run folder) to its phase's format: CHECKPOINT=... OUT=dir (phase7: Llama, hf: its model)
 	$(call need_checkpoint,checkpoints/hf_qwen3_0.6b)

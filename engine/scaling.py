@@ -6,7 +6,8 @@ Every size x budget trains configs/<phase>_<size>.yaml (a size may also be the p
 step)): C = 6 N D, N the parameters other than the input embedding, D the tokens trained on. The lowest final
 val loss at each budget is the compute-optimal frontier, and log L = a + b log C is fitted to it. Writes
 OUT/<phase>_results.csv (every run of the phase in OUT, so calls add up), OUT/<phase>_scaling.md and
-OUT/<phase>_scaling.png; finished runs are read back, not retrained.
+OUT/<phase>_scaling.png; finished runs are read back, not retrained. --eval-tasks piqa,arc_easy adds each run's
+benchmark score (engine/evaluate.py: acc_norm, else acc) to the table, CSV and a second plot panel.
 Once OUT holds results of a phase and of the reference phase (phase7, the causal LM, by default), or with
 --compare alone, OUT/<phase>_vs_<reference>.md and .png give the factor of compute the phase needs to reach
 the reference's loss (SMDM reports about 16x for its masked diffusion LM against the causal one).
@@ -61,7 +62,21 @@ def load_results(out: Path, phase: str) -> list[dict]:
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{k: NUMERIC[k](v) if k in NUMERIC else v for k, v in row.items() if v} for row in rows]
+    return [{k: NUMERIC[k](v) if k in NUMERIC else v if k in COLUMNS else float(v) for k, v in row.items() if v}
+            for row in rows]  # columns beyond COLUMNS are benchmark scores
+
+
+def add_benchmarks(out: Path, phase: str, rows: list[dict], tasks: str, eval_args: str) -> list[str]:
+    """Each finished run's benchmark scores as columns of its row (results CSV rewritten); the column names."""
+    from engine.evaluate import benchmark_scores, split_tasks
+
+    names = split_tasks(tasks)[0]
+    for row in rows:
+        if "val_loss" in row:
+            print(f"=== benchmarks of {row['run']}: {', '.join(names)}", flush=True)
+            row.update(benchmark_scores(out / row["run"], tasks, options=parse_overrides(split_list(eval_args))))
+    write_csv(results_path(out, phase), rows, COLUMNS + names)
+    return names
 
 
 def run_grid(phase: str, sizes: list[str], budgets: list[float], out: Path, overrides: dict) -> list[dict]:
@@ -114,16 +129,18 @@ def draw_fit(ax, fit, budgets, label, color="k"):
         ax.plot(c, np.exp(fit[0]) * c ** fit[1], "--", color=color, label=label)
 
 
-def report_phase(out: Path, phase: str, rows: list[dict]) -> None:
-    """OUT/<phase>_scaling.md (all runs, frontier, fit) and OUT/<phase>_scaling.png."""
+def report_phase(out: Path, phase: str, rows: list[dict], benchmarks: list[str] = ()) -> None:
+    """OUT/<phase>_scaling.md (all runs, frontier, fit) and OUT/<phase>_scaling.png; with benchmarks, their
+    scores as columns and, beside the loss, a panel of score against compute."""
     best = frontier(rows)
     fit = fit_power_law(best)
     text = (f"# Scaling of {phase}: final val loss (nats/token) against training compute C = 6 N D\n\n"
-            f"{markdown_table(rows, COLUMNS)}\n## Compute-optimal frontier (lowest loss per budget)\n\n"
+            f"{markdown_table(rows, COLUMNS + list(benchmarks))}\n## Compute-optimal frontier (lowest loss per budget)\n\n"
             f"{markdown_table(best, ['budget', 'size', 'params', 'val_loss'])}\nFit on the frontier: {fit_text(fit)}\n")
     (out / f"{phase}_scaling.md").write_text(text)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, axes = plt.subplots(1, 2 if benchmarks else 1, figsize=(14 if benchmarks else 7, 5), squeeze=False)
+    ax = axes[0][0]
     for size in dict.fromkeys(r["size"] for r in rows):
         done = sorted((r for r in rows if r["size"] == size and "val_loss" in r), key=lambda r: r["budget"])
         if done:
@@ -135,8 +152,21 @@ def report_phase(out: Path, phase: str, rows: list[dict]) -> None:
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C = 6 N D", ylabel="final val loss (nats/token)",
            title=f"{phase}: loss against compute")
     ax.legend(fontsize=8)
+    if benchmarks:
+        draw_benchmarks(axes[0][1], phase, rows, benchmarks)
     fig.savefig(out / f"{phase}_scaling.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def draw_benchmarks(ax, phase: str, rows: list[dict], benchmarks) -> None:
+    """Each benchmark's score of the best run at each budget (the loss frontier's runs), against compute."""
+    best = frontier(rows)
+    for task in benchmarks:
+        points = [r for r in best if isinstance(r.get(task), float)]
+        ax.plot([r["budget"] for r in points], [r[task] for r in points], "o-", label=task)
+    ax.set(xscale="log", xlabel="training FLOPs C = 6 N D", ylabel="benchmark score (acc_norm, else acc)",
+           title=f"{phase}: benchmarks of the frontier runs")
+    ax.legend(fontsize=8)
 
 
 def compute_gap(fit, reference_points: list[dict], budgets: list[float]) -> list[dict]:
@@ -213,6 +243,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="checkpoints/scaling", help="output folder (default checkpoints/scaling)")
     parser.add_argument("--compare", action="store_true", help="each phase with results in OUT against --reference")
     parser.add_argument("--reference", default=REFERENCE, help=f"the phase compared against (default {REFERENCE})")
+    parser.add_argument("--eval-tasks", help="lm-eval tasks scored on every run (make eval's TASKS), e.g. piqa,arc_easy")
+    parser.add_argument("--eval-args", default="", help="make eval's ARGS for those, e.g. 'batch_size=32 mc_num=128'")
     parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. data=dummy n_seq=128")
     args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
@@ -225,7 +257,8 @@ def main(argv: list[str]) -> None:
         except ValueError:
             raise ConfigError(f"--budgets expects numbers like 1e18,3e18; got '{args.budgets}'") from None
         rows = run_grid(args.phase, sizes, budget_values, out, parse_overrides(args.overrides))
-        report_phase(out, args.phase, rows)
+        benchmarks = add_benchmarks(out, args.phase, rows, args.eval_tasks, args.eval_args) if args.eval_tasks else []
+        report_phase(out, args.phase, rows, benchmarks)
         print(f"Scaling of {args.phase}: {out / f'{args.phase}_scaling.md'}, {out / f'{args.phase}_scaling.png'}")
     measured = phases_with_results(out)
     others = [name for name in measured if name != args.reference]

@@ -65,6 +65,10 @@ class Phase:
     # (cfg) -> None: fills keys that follow from something outside the config (phase hf: the tokenizer and
     # vocab_size of a pretrained model) when a run starts, before the resume check and the data. None: nothing.
     resolve_config: Callable | None = None
+    # Benchmark scoring (`make eval`, engine/evaluate.py): a class built from (model, options) with
+    # loglikelihood(pairs of context and continuation ids). None: engine.likelihood.CausalScorer, exact
+    # next-token log-likelihoods; phases/mdm/likelihood.py is the diffusion one.
+    scorer: type | None = None
 
 
 # Module paths of phases outside phases/ that the user named in this process.
