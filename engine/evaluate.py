@@ -70,8 +70,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
         return True  # through a proxy only the hub client can tell: let it try
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)  # HF_ENDPOINT: a mirror, if the user set one
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
