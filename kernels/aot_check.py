@@ -51,6 +51,7 @@ class Case:
 class Job:
     case: str
     kernel: str
+    variant: str  # the first tensor's dtype and the flags (boolean constexprs) that are on
     config: str
     fn: object  # the JITFunction
     args: tuple
@@ -62,6 +63,7 @@ class Job:
 class Row:
     case: str
     kernel: str
+    variant: str
     config: str
     recipe: bool
     shared: int = 0
@@ -177,18 +179,19 @@ def gpu_check_cases():
 
 def all_cases():
     """Every dtype and head dim we support, causal and not, both backwards, plus the recipe cases; lengths of
-    2048 (and a ragged 1000) so that every config has whole blocks."""
+    2048 (and a ragged 1000) so that every config has whole blocks. fp16 and fp32 at the largest head dims only,
+    which need the most registers and shared memory (fp16 compiles as bf16 does)."""
     from kernels.support import ATTENTION_HEAD_DIMS, LINEAR_ATTENTION_HEAD_DIMS
     cases = recipe_cases()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dtype)[6:]
-        for dim in ATTENTION_HEAD_DIMS:
+        for dim in ATTENTION_HEAD_DIMS if dtype == torch.bfloat16 else ATTENTION_HEAD_DIMS[-1:]:
             for causal in (True, False):
                 for deterministic in (False, True):
                     cases.append(Case(f"attn {name} D={dim} {'causal' if causal else 'bidir'}"
                                       f"{' det' if deterministic else ''}",
                                       attention_case(2, 2048, 8, dim, dtype, causal, deterministic), False))
-        for dim in LINEAR_ATTENTION_HEAD_DIMS:
+        for dim in LINEAR_ATTENTION_HEAD_DIMS if dtype == torch.bfloat16 else LINEAR_ATTENTION_HEAD_DIMS[-1:]:
             cases.append(Case(f"linear {name} K=V={dim}", linear_attention_case(2, 2048, 4, dim, dim, dtype), False))
         cases.append(Case(f"attn {name} ragged 1000", attention_case(2, 1000, 4, 128, dtype, True, False), False))
         for hidden in (1000, 2048, 8192, 16384):
@@ -222,9 +225,12 @@ def jobs(case, every_config):
 
     found = []
     for kernel, args, kwargs in captured_launches(case.run):
+        dtype = next(str(a.dtype)[6:].replace("bfloat16", "bf16").replace("float", "fp") for a in args
+                     if isinstance(a, torch.Tensor))
+        variant = " ".join([dtype] + [name for name, value in kwargs.items() if value is True])
         if not isinstance(kernel, Autotuner):
-            label = f"warps={kwargs.get('num_warps', 4)}"
-            found.append(Job(case.name, kernel.__name__, label, kernel, args, kwargs, case.recipe))
+            label = f"w{kwargs.get('num_warps', 4)}"
+            found.append(Job(case.name, kernel.__name__, variant, label, kernel, args, kwargs, case.recipe))
             continue
         configs = kernel.configs
         selectable = configs
@@ -234,7 +240,7 @@ def jobs(case, every_config):
         for config in (configs if every_config else selectable):
             label = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
             label += f" w{config.num_warps} s{config.num_stages}"
-            found.append(Job(case.name, kernel.fn.__name__, label, kernel.fn, args,
+            found.append(Job(case.name, kernel.fn.__name__, variant, label, kernel.fn, args,
                              {**kwargs, **config.all_kwargs()}, case.recipe and config in selectable))
     return found
 
@@ -276,7 +282,7 @@ def compile_job(job):
     import triton
     from triton.compiler import ASTSource
 
-    row = Row(job.case, job.kernel, job.config, job.recipe)
+    row = Row(job.case, job.kernel, job.variant, job.config, job.recipe)
     start = time.perf_counter()
     fn = job.fn
     try:
@@ -305,13 +311,13 @@ def _compile_index(i):
 
 
 def table(rows):
-    """One line per compile: kernel, config, shared memory, registers, spills, the matmul instruction, whether
-    the recipes can select it, and the first case that compiles it."""
-    lines = [f"{'kernel':<19} {'config':<30} {'smem B':>8} {'regs':>4} {'spill B':>7} {'mma':<8} {'recipe':<6} "
-             "first case"]
-    for r in sorted(rows, key=lambda r: (r.kernel, r.config, r.case)):
-        lines.append(f"{r.kernel:<19} {r.config:<30} {r.shared:>8,} {r.registers:>4} {r.spills:>7} {r.mma:<8} "
-                     f"{'yes' if r.recipe else '':<6} {r.case}{'  ERROR ' + r.error if r.error else ''}")
+    """One line per compile: kernel, variant, config, shared memory, registers, spills, the matmul instruction,
+    whether the recipes can select it, and the first case that compiles it."""
+    lines = [f"{'kernel':<19} {'variant':<27} {'config':<30} {'smem B':>8} {'regs':>4} {'spill B':>7} {'mma':<8} "
+             f"{'recipe':<6} first case"]
+    for r in sorted(rows, key=lambda r: (r.kernel, r.variant, r.config, r.case)):
+        lines.append(f"{r.kernel:<19} {r.variant:<27} {r.config:<30} {r.shared:>8,} {r.registers:>4} {r.spills:>7} "
+                     f"{r.mma:<8} {'yes' if r.recipe else '':<6} {r.case}{'  ERROR ' + r.error if r.error else ''}")
     return "\n".join(lines)
 
 
