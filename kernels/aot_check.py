@@ -277,6 +277,14 @@ def compile_key(job):
     return job.kernel, str(specialization), str(options)
 
 
+def compile_inputs(job):
+    """(target, ASTSource arguments (signature, constexprs, attrs), options): what JITFunction.run would hand
+    to triton.compile for this launch on an H100/H200."""
+    backend, kwargs, (bound, specialization, options) = _specialise(job)
+    options, signature, constexprs, attrs = job.fn._pack_args(backend, kwargs, bound, specialization, options)
+    return backend.target, (signature, constexprs, attrs), options
+
+
 def compile_job(job):
     """Compile job for sm_90 through the runtime's own specialisation; Row with what ptxas and Triton report."""
     import triton
@@ -284,15 +292,11 @@ def compile_job(job):
 
     row = Row(job.case, job.kernel, job.variant, job.config, job.recipe)
     start = time.perf_counter()
-    fn = job.fn
     try:
-        backend, kwargs, (bound, specialization, options) = _specialise(job)
-        target = backend.target
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        target, source, options = compile_inputs(job)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # the ptxas -v log, printed by Triton as it compiles
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton.compile(ASTSource(job.fn, *source), target=target, options=options.__dict__)
         row.registers, row.spills = ptxas_report(log.getvalue())
         row.shared = compiled.metadata.shared
         ptx = compiled.asm["ptx"]

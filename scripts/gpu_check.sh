@@ -32,6 +32,9 @@ SHORT_BENCH="--no-depth-search --warmup 2 --steps 5"
 GPU_TESTS="tests/test_kernels.py tests/test_linear_attention.py tests/test_gpu_engine.py tests/test_distributed.py \
 tests/test_hf.py"  # kernels first
 export PYTHONUNBUFFERED=1
+# Triton: keep autotuning results on disk (a later step reuses an earlier one's choice instead of benchmarking
+# again), and print each choice once: which config won on the device is a finding too
+export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
 
 # name|limit in seconds|command: the default steps, in order (their limits add up to at most BUDGET_S)
 DEFAULT_STEPS=(

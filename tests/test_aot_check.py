@@ -45,3 +45,43 @@ def test_the_configs_the_recipes_can_select_compile_for_sm90_within_shared_memor
                             capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "wgmma" in result.stdout  # Hopper's matmuls, not the sm_80 path
+
+
+RUNTIME_SAME_AS_AOT = """
+import torch
+from types import SimpleNamespace
+from unittest import mock
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+from kernels import aot_check
+
+fake = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0,
+                       get_current_target=lambda: GPUTarget("cuda", 90, 32))
+driver.set_active(fake)
+case = aot_check.Case("t", aot_check.attention_case(2, 1000, 4, 64, torch.bfloat16, True, True), True)
+checked = 0
+for job in aot_check.jobs(case, every_config=False):
+    seen = {}
+    def capture(self, key, signature, device, constexprs, options, attrs, warmup):
+        seen.update(signature=signature, constexprs=constexprs, attrs=attrs, options=options)
+    with mock.patch.object(JITFunction, "_do_compile", capture):
+        job.fn.run(*job.args, grid=(1,), warmup=False, **job.kwargs)
+    target, (signature, constexprs, attrs), options = aot_check.compile_inputs(job)
+    assert target == fake.get_current_target(), target
+    assert (signature, constexprs, attrs) == (seen["signature"], seen["constexprs"], seen["attrs"]), job.kernel
+    assert options == seen["options"], (job.kernel, options, seen["options"])
+    checked += 1
+print("same", checked)
+"""
+
+
+@needs_triton_cuda_backend
+def test_aot_compiles_what_the_runtime_would_so_the_warm_step_fills_the_cache_the_steps_read():
+    """JITFunction.run on a pretend H100 (its compile intercepted) against compile_inputs, launch by launch: the
+    same source arguments and options give the same Triton cache key."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", RUNTIME_SAME_AS_AOT], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and result.stdout.startswith("same"), result.stderr[-3000:]
+    assert int(result.stdout.split()[1]) >= 4  # forward, delta, dK/dV and dQ (deterministic)
