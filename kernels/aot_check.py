@@ -316,12 +316,13 @@ def _compile_index(i):
 
 def table(rows):
     """One line per compile: kernel, variant, config, shared memory, registers, spills, the matmul instruction,
-    whether the recipes can select it, and the first case that compiles it."""
+    whether the recipes can select it, seconds to compile, and the first case that compiles it."""
     lines = [f"{'kernel':<19} {'variant':<27} {'config':<30} {'smem B':>8} {'regs':>4} {'spill B':>7} {'mma':<8} "
-             f"{'recipe':<6} first case"]
+             f"{'recipe':<6} {'s':>3} first case"]
     for r in sorted(rows, key=lambda r: (r.kernel, r.variant, r.config, r.case)):
         lines.append(f"{r.kernel:<19} {r.variant:<27} {r.config:<30} {r.shared:>8,} {r.registers:>4} {r.spills:>7} "
-                     f"{r.mma:<8} {'yes' if r.recipe else '':<6} {r.case}{'  ERROR ' + r.error if r.error else ''}")
+                     f"{r.mma:<8} {'yes' if r.recipe else '':<6} {r.seconds:>3.0f} {r.case}"
+                     f"{'  ERROR ' + r.error if r.error else ''}")
     return "\n".join(lines)
 
 

@@ -250,7 +250,9 @@ def test_bench_hf_runs_its_rows_on_a_cpu_stand_in(tiny_qwen3, monkeypatch, capsy
     from bench import hf, phase7
 
     for name, value in {"is_available": lambda: True, "synchronize": lambda: None, "empty_cache": lambda: None,
-                        "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 2**30}.items():
+                        "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 2**30,
+                        # torch 2.11's Adam asks this once CUDA is "available"; a CUDA build without a driver fails
+                        "is_current_stream_capturing": lambda: False}.items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(phase7, "peak_flops", lambda device: None)  # bench.hf measures with bench.phase7's
     monkeypatch.setattr(torch, "compile", lambda model: model)  # inductor on CPU would take minutes
