@@ -29,6 +29,7 @@ BUDGET_S=${BUDGET_S:-480}
 PY=${PYTHON:-python3}
 MAKE="make --no-print-directory PYTHON=$PY"
 SHORT_BENCH="--no-depth-search --warmup 2 --steps 5"
+PYTEST_GPU="env TEST_TIMEOUT_S=45 TEST_RESULTS_FILE=\$OUT/tests.txt $PY -m pytest -v -m gpu -p no:cacheprovider"
 GPU_TESTS="tests/test_kernels.py tests/test_linear_attention.py tests/test_gpu_engine.py tests/test_distributed.py \
 tests/test_hf.py"  # kernels first
 export PYTHONUNBUFFERED=1
@@ -39,7 +40,7 @@ export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
 # name|limit in seconds|command: the default steps, in order (their limits add up to at most BUDGET_S)
 DEFAULT_STEPS=(
     "warm|60|$PY -m kernels.aot_check --warm"
-    "tests|90|env TEST_TIMEOUT_S=45 TEST_RESULTS_FILE=\$OUT/tests.txt $PY -m pytest -v -m gpu -p no:cacheprovider $GPU_TESTS"
+    "tests|90|$PYTEST_GPU $GPU_TESTS"
     "verify|35|$MAKE verify-phase7"
     "kernels|60|$MAKE bench-kernels ARGS=--headline"
     "phase7|120|$MAKE bench-phase7-1.5b PEER=1 ARGS='$SHORT_BENCH'"
@@ -107,7 +108,11 @@ for s in "${steps[@]}"; do
     # streamed: PYTHONUNBUFFERED above, and tee -a appends each line as it comes
     OUT="$OUT" timeout --kill-after=5 "$limit" bash -c "$command" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
-    verdict=$([[ $rc == 0 ]] && echo ok || { [[ $rc == 124 || $rc == 137 ]] && echo "TIMED OUT" || echo "FAILED rc=$rc"; })
+    case $rc in
+        0) verdict=ok ;;
+        124 | 137) verdict="TIMED OUT" ;;
+        *) verdict="FAILED rc=$rc" ;;
+    esac
     line=$(printf '%-8s %-10s %4ss of %ss' "$name" "$verdict" "$((SECONDS - start))" "$limit")
     echo "=== $line" | tee -a "$log"
     summary+=("$line")
