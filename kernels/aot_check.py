@@ -335,6 +335,7 @@ def main(argv=None) -> int:
                        help="compile what scripts/gpu_check.sh's steps can select into Triton's cache, and say what "
                             "it cost (on the device, before the steps)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles (default: all cores)")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this, e.g. 'linear'")
     args = parser.parse_args(argv)
     if not args.warm:  # a fresh cache: every config is compiled, so ptxas reports on each
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot-check-")
@@ -342,6 +343,7 @@ def main(argv=None) -> int:
 
     triton.knobs.nvidia.dump_ptxas_log = True
     cases = gpu_check_cases() if args.warm else recipe_cases() if args.recipes else all_cases()
+    cases = [c for c in cases if args.cases in c.name]
     # one compile per distinct binary: cases often share one (the autotuner's buckets differ, the code does not)
     distinct = {}
     for case in cases:
@@ -353,9 +355,14 @@ def main(argv=None) -> int:
           f"{args.jobs} processes{' into ' + triton.knobs.cache.dir if args.warm else ''}", flush=True)
     start = time.perf_counter()
     # fork: the workers inherit _JOBS (kernels and CPU tensors); nothing here has initialised CUDA
+    rows = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        rows = list(tqdm(pool.map(_compile_index, range(len(_JOBS))), total=len(_JOBS), desc="compiling",
-                         unit="kernel", file=sys.stderr, disable=not sys.stderr.isatty()))
+        for row in tqdm(pool.map(_compile_index, range(len(_JOBS))), total=len(_JOBS), desc="compiling",
+                        unit="kernel", file=sys.stderr, disable=not sys.stderr.isatty()):
+            rows.append(row)
+            if not sys.stderr.isatty():  # a log: one line per compile as it lands, the whole table at the end
+                print(f"  {len(rows)}/{len(_JOBS)} {row.seconds:.0f}s {row.kernel} {row.variant} {row.config} "
+                      f"regs={row.registers} spills={row.spills}{' ERROR' if row.error else ''}", flush=True)
     wall = time.perf_counter() - start
     print(table(rows))
     problems = [f"{r.case}: {r.kernel} {r.config}: {p}" for r in rows for p in r.problems()]
