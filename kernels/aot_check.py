@@ -5,7 +5,8 @@ shared memory than a program may have, or spills registers should be found here,
 kernels' Python wrappers (kernels/attention.py, norm.py, linear_attention.py) with CPU tensors of real shapes while
 the launches are captured instead of run; each captured launch is then compiled once per autotune config through
 Triton's own argument specialisation (what the runtime would compile on the device) for
-GPUTarget("cuda", 90, 128), and ptxas's report gives registers and spills.
+GPUTarget("cuda", 90, 32) (capability 9.0, warp size 32: what the driver reports on an H100/H200), and ptxas's
+report gives registers and spills.
 
     python -m kernels.aot_check            # every config of every case (make aot-check)
     python -m kernels.aot_check --recipes  # only what the 1.44B recipe and the bench shapes can select (CI)
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
     # one compile per distinct binary: cases often share one (the autotuner's buckets differ, the code does not)
     distinct = {}
     for case in cases:
-        for job in jobs(case, every_config=not args.recipes):
+        for job in jobs(case, every_config=not (args.recipes or args.warm)):
             first = distinct.setdefault(compile_key(job), job)
             first.recipe |= job.recipe
     _JOBS[:] = distinct.values()
