@@ -29,7 +29,7 @@ RESUME = $(if $(CHECKPOINT),resume=$(CHECKPOINT))
 P7_1B5 := configs/phase7_1.5b_triton.yaml
 need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> is required, e.g. make $@ CHECKPOINT=$(1)" >&2; exit 2; }
 
-.PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
+.PHONY: help setup quickstart test test-device-versions aot-check gpu-check check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints \
@@ -57,6 +57,33 @@ quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
 
 test: $(ENV) ## run the test suite (CPU; GPU tests are skipped without CUDA)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The device's versions (the lent H200 runs torch 2.11, triton 3.6, transformers 5.17; CI tests the newest): a
+# second venv, and triton 3.6 alone beside .venv for compiling. Both git-ignored.
+DEVICE_VENV := .venv-device
+# numpy<2.4 for the CPU tests only: Triton 3.6's interpreter calls int() on 1-element arrays, an error from numpy
+# 2.4 (the device has 2.5 but compiles the kernels; it never interprets them)
+DEVICE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
+DEVICE_TRITON := .aot/triton-3.6
+
+$(DEVICE_VENV)/.installed: requirements.txt
+	test -x $(DEVICE_VENV)/bin/python || python3 -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q -r requirements.txt $(DEVICE_PINS)
+	touch $@
+
+test-device-versions: $(DEVICE_VENV)/.installed ## the test suite under the GPU device's torch 2.11 / triton 3.6 / transformers 5.17 (.venv-device, ~5 GB) [PYTEST_ARGS=]
+	$(DEVICE_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+$(DEVICE_TRITON)/.installed:
+	$(PYTHON) -m pip install -q --target $(DEVICE_TRITON) triton==3.6.0
+	touch $@
+
+aot-check: $(ENV) $(DEVICE_TRITON)/.installed ## compile every config of every Triton kernel for the H200 (sm_90) on CPU, with this triton and 3.6: smem, registers, spills
+	$(PYTHON) -m kernels.aot_check; ours=$$?; \
+	PYTHONPATH=$(DEVICE_TRITON) $(PYTHON) -m kernels.aot_check; device=$$?; exit $$((ours || device))
+
+gpu-check: ## on a lent GPU (PYTHON=python3): every headline check and number in one <= 8-min call [STEPS="tests verify"|--plan]
+	$(if $(filter command line,$(origin PYTHON)),PYTHON=$(PYTHON)) scripts/gpu_check.sh $(STEPS)
 
 check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn
 	$(PYTHON) -m engine.check_env

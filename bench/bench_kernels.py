@@ -153,21 +153,24 @@ def record_table(markdown):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seq 1k and 4k, head_dim 128 only")
+    parser.add_argument("--headline", action="store_true",
+                        help="only the goals' shapes: causal attention at seq 2k and 4k, head_dim 128, and RMSNorm")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("error: bench-kernels needs a CUDA GPU; on CPU, check the kernels with make test or "
               "make triton-attn", file=sys.stderr)
         return 1
-    seqs = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
-    head_dims = [128] if args.quick else [64, 128]
+    seqs = [2048, 4096] if args.headline else [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    head_dims = [128] if args.quick or args.headline else [64, 128]
     peers = attention_peers()
     rows = []
     for seq in seqs:
         for head_dim in head_dims:
-            for causal in (True, False):
+            for causal in (True,) if args.headline else (True, False):
                 rows += bench_attention(seq, head_dim, causal, peers)
                 print(f"  attention S={seq} D={head_dim} causal={causal} done", file=sys.stderr)
-    rows += bench_attention(4096, 128, True, peers, kv_heads=GQA_KV_HEADS)
+    if not args.headline:
+        rows += bench_attention(4096, 128, True, peers, kv_heads=GQA_KV_HEADS)
     for weight_dtype in (torch.bfloat16, torch.float32):
         rows += bench_rms_norm(16384, 2048, weight_dtype)
     markdown = table(rows)

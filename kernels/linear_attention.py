@@ -63,14 +63,14 @@ def _fit_blocks(configs, named_args, **kwargs):
 
 
 # The state kernels are a sequential walk over the chunks: their programs, (key_dim/BLOCK_K) * (value_dim/BLOCK_V)
-# * batch * heads, must cover the SMs (64 with 64x64 blocks at 16 heads of 128, 128 with 64x32), and each step is
-# latency-bound, hence small blocks and few warps. The chunk kernels hold a whole chunk's q and k (64 x key_dim).
-# Compiled for sm_90 with Triton 3.9 at head dims 128 in bf16, only dq/dk spills: 16-80 bytes with 8 warps (its
-# three fp32 accumulators need them), ~1 KB with 4 warps (kept for smaller heads).
-STATE_CONFIGS = _configs(("BLOCK_K", "BLOCK_V"), [(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 2, 3),
-                                                  (64, 128, 8, 2)], (16, 16, 4, 1))
-OUTPUT_CONFIGS = _configs(("BLOCK_V",), [(64, 4, 2), (128, 8, 2), (64, 8, 3), (32, 4, 3)], (16, 4, 1))
-GRAD_CONFIGS = _configs(("BLOCK_V",), [(64, 8, 2), (32, 8, 3), (64, 8, 3), (32, 4, 2)], (16, 4, 1))
+# * batch * heads, must cover the SMs (64 with 64x64 blocks at 16 heads of 128, 128 with 64x32, 256 with 32x32),
+# and each step is latency-bound, hence small blocks and few warps. The chunk kernels hold a whole chunk's q and k
+# (64 x key_dim). Few candidates: each costs a compile and a benchmark on a device lent for minutes.
+# `make aot-check` (sm_90, bf16, key and value dims 128): nothing here spills on Triton 3.6 or 3.9; dq/dk's 4-warp
+# (32, 4, 2), dropped, spilled 300 B on 3.6 and 432 B on 3.9 (its three fp32 accumulators).
+STATE_CONFIGS = _configs(("BLOCK_K", "BLOCK_V"), [(64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 2, 3)], (16, 16, 4, 1))
+OUTPUT_CONFIGS = _configs(("BLOCK_V",), [(64, 4, 2), (128, 8, 2), (32, 4, 3)], (16, 4, 1))
+GRAD_CONFIGS = _configs(("BLOCK_V",), [(64, 8, 2), (32, 8, 3)], (16, 4, 1))
 # Lengths in powers of two, so a new length does not re-tune; Triton adds the tensors' dtypes.
 TUNE_KEY = ["BH", "LENGTH_BUCKET", "KEY_DIM", "VALUE_DIM"]
 PRUNE = {"early_config_prune": _fit_blocks}

@@ -1,3 +1,8 @@
+import faulthandler
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +16,62 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):  # not `"gpu" in item.keywords`: that matches a folder named gpu too
             item.add_marker(skip_gpu)
+
+
+# scripts/gpu_check.sh runs the GPU tests on a lent machine whose minutes are few, without pytest plugins it cannot
+# install: each test gets TEST_TIMEOUT_S seconds, and TEST_RESULTS_FILE gets one line per test as it starts and
+# ends, so that a run killed from outside still tells which tests passed, failed or hung.
+TEST_TIMEOUT_S = float(os.environ.get("TEST_TIMEOUT_S", 0))
+TEST_RESULTS_FILE = os.environ.get("TEST_RESULTS_FILE")
+HARD_KILL_GRACE_S = 15  # a test stuck in C (a hung kernel) ignores the alarm: then the process dies with a traceback
+
+
+def record_test(line):
+    """Append one line to TEST_RESULTS_FILE at once (flushed and synced: the next moment may be a kill)."""
+    if TEST_RESULTS_FILE:
+        with open(TEST_RESULTS_FILE, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class TestTimeout(Exception):
+    pass
+
+
+def _time_out(signum, frame):
+    raise TestTimeout(f"test ran past TEST_TIMEOUT_S={TEST_TIMEOUT_S:g} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With TEST_TIMEOUT_S: an alarm fails a test that runs too long (setup, call and teardown together), and
+    faulthandler ends the whole run HARD_KILL_GRACE_S later if the alarm could not interrupt it."""
+    record_test(f"START {item.nodeid}")
+    if TEST_TIMEOUT_S > 0:
+        previous = signal.signal(signal.SIGALRM, _time_out)
+        signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
+        faulthandler.dump_traceback_later(TEST_TIMEOUT_S + HARD_KILL_GRACE_S, exit=True)
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        if TEST_TIMEOUT_S > 0:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            faulthandler.cancel_dump_traceback_later()
+        record_test(f"END {item.nodeid} {time.monotonic() - start:.1f}s")
+
+
+def pytest_runtest_logreport(report):
+    """One line per test outcome: a failure or skip in setup, else the call's outcome."""
+    if report.when == "call" or report.outcome != "passed":
+        outcome = report.outcome.upper()
+        if report.failed and "TestTimeout" in str(report.longrepr):
+            outcome = "TIMEOUT"
+        record_test(f"{outcome} {report.nodeid} ({report.when}, {report.duration:.1f}s)")
 
 
 @pytest.fixture

@@ -63,13 +63,15 @@ def test_deterministic_backward_matches_float64_reference(seq, causal):
     assert_attention_matches(2, seq, 2, 32, torch.float32, causal, deterministic=True)
 
 
-def use_gpu_block_shapes(monkeypatch, ratio):
-    """Run each kernel with the first of its GPU configs whose wide block is ratio times its narrow one: the
-    interpreter's own config is small, and the diagonal and ragged-end logic depends on the block shapes."""
+def use_gpu_block_shapes(monkeypatch, shape):
+    """Run each kernel with its GPU config whose wide block is the most ("widest") or the fewest ("squarest")
+    times its narrow one: the interpreter's own config is small, and the diagonal and ragged-end logic depends on
+    the block shapes."""
+    pick = max if shape == "widest" else min
     for name, choices, wide_over_narrow in [("_attn_fwd", attention.FWD_GPU, lambda m, n: m / n),
                                             ("_attn_bwd_dkdv", attention.DKDV_GPU, lambda m, n: n / m),
                                             ("_attn_bwd_dq", attention.DQ_GPU, lambda m, n: m / n)]:
-        m, n = next((m, n) for m, n, _, _ in choices if wide_over_narrow(m, n) == ratio)
+        m, n = pick(((m, n) for m, n, _, _ in choices), key=lambda mn: wide_over_narrow(*mn))
         kernel = getattr(attention, name)
         config = triton.Config({"BLOCK_M": m, "BLOCK_N": n})
         monkeypatch.setattr(attention, name, triton.autotune([config], key=attention.TUNE_KEY)(kernel.fn))
@@ -78,10 +80,10 @@ def use_gpu_block_shapes(monkeypatch, ratio):
 @needs_triton
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("ratio", [1, 4])
-def test_attention_with_the_gpu_block_shapes(monkeypatch, ratio, causal, deterministic):
+@pytest.mark.parametrize("shape", ["widest", "squarest"])
+def test_attention_with_the_gpu_block_shapes(monkeypatch, shape, causal, deterministic):
     """260 = 2 x 128 + 4: whole blocks, the diagonal and a ragged end for every GPU block size."""
-    use_gpu_block_shapes(monkeypatch, ratio)
+    use_gpu_block_shapes(monkeypatch, shape)
     assert_attention_matches(1, 260, 2, 16, torch.float32, causal, deterministic=deterministic)
 
 
@@ -108,7 +110,7 @@ def test_grouped_query_attention_without_repeating_kv_heads(kv_heads, causal, de
 
 @needs_triton
 def test_grouped_query_attention_with_the_gpu_block_shapes(monkeypatch):
-    use_gpu_block_shapes(monkeypatch, 4)
+    use_gpu_block_shapes(monkeypatch, "widest")
     assert_attention_matches(1, 260, 4, 16, torch.float32, True, kv_heads=2)
 
 
