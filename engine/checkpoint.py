@@ -445,7 +445,7 @@ class Checkpointer:
     (remove_older_steps). One save is in flight at a time; wait() finishes it."""
 
     def __init__(self, run_dir: Path, world, device: torch.device, keep_last: int = 0):
-        self.run_dir, self.world, self.keep_last = run_dir, world, keep_last
+        self.run_dir, self.keep_last = run_dir, keep_last
         self.format = DistributedCheckpoints(run_dir, world.rank, device) if world.active else FileCheckpoints(run_dir)
 
     def latest(self) -> Path | None:
