@@ -75,7 +75,7 @@ def checkpoint_to_chat(path: str) -> Path:
     folder is named after (phase8_1.5b: phase8) that its parent folder does hold."""
     target = Path(path)
     untrained = path and (not target.exists() or (target.is_dir() and not ckpt.is_distributed_checkpoint(target)
-                                                   and ckpt.find_latest(target) is None))
+                                                   and ckpt.best_checkpoint_in(target) is None))
     phase = next((p for p in phase_names() if target.name.startswith(p + "_")), None)
     if untrained and phase and target.parent.is_dir():
         runs = sorted(str(run) for run in target.parent.iterdir() if run.is_dir() and run != target

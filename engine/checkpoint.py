@@ -14,6 +14,9 @@ Every checkpoint is checksummed: a .pt has `NAME.pt.sha256` beside it, a folder 
 (both in `sha256sum -c` format), written by a background thread after the data, and checked on load
 (verify_checksums=false skips it). A run's folder has `latest`, naming its newest checkpoint; resume=auto
 takes the newest complete checkpoint by step (see newest_checkpoint).
+
+The training loop sees one object, Checkpointer: save(name), load(path), latest(), whichever format its
+world writes (FileCheckpoints or DistributedCheckpoints), and keep_last's removal of older step checkpoints.
 """
 
 import errno
@@ -175,11 +178,16 @@ class FileCheckpoints:
         self.run_dir = run_dir
         self.in_flight: tuple[threading.Thread, list] | None = None
 
-    def save(self, name: str, state: dict, point_latest: bool) -> None:
+    def path_of(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pt"
+
+    def save(self, name: str, model, optimizer, train_state: dict, point_latest: bool, then=None) -> None:
+        """then(path): called in the background thread once the checkpoint is complete (checksums, `latest`)."""
         self.wait()
-        path = self.run_dir / f"{name}.pt"
+        path = self.path_of(name)
         checksum_file(path).unlink(missing_ok=True)  # a rewritten best never meets the old file's checksum
-        save_checkpoint(path, state)
+        save_checkpoint(path, {**train_state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "rng": rng_state()})
         errors = []
 
         def finish():
@@ -187,6 +195,8 @@ class FileCheckpoints:
                 write_checksums(checksum_file(path), [path])
                 if point_latest:
                     write_latest(self.run_dir, path)
+                if then is not None:
+                    then(path)
             except BaseException as e:  # re-raised in the training thread by wait()
                 errors.append(e)
 
@@ -202,6 +212,14 @@ class FileCheckpoints:
         self.in_flight = None
         if errors:
             raise errors[0]
+
+    def load(self, path: Path, model, optimizer, verify: bool) -> bool:
+        """A .pt, or a checkpoint folder read whole, into the model, optimizer and RNG (always restored: True)."""
+        state = load_checkpoint(path, verify=verify)
+        model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, model, state["optimizer"])
+        restore_rng(state["rng"])
+        return True
 
 
 # --- leftovers of interrupted saves ------------------------------------------------------------------------------
@@ -319,8 +337,9 @@ def checkpoint_name(path: Path) -> str:
     return path.name.removesuffix(".pt")
 
 
-def find_latest(run_dir: str | Path) -> Path | None:
-    """best, then final, then the highest step: the checkpoint chat should load from a run folder."""
+def best_checkpoint_in(run_dir: str | Path) -> Path | None:
+    """The checkpoint to use a run folder's model from (chat, export, evaluation): best, else final, else the
+    highest step. Not the one to resume from: that is newest_checkpoint."""
     found = checkpoints_in(Path(run_dir))
     for suffix in ("_best", "_final"):
         named = [p for p in found if checkpoint_name(p).endswith(suffix)]
@@ -331,12 +350,12 @@ def find_latest(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """The checkpoint a user named: a .pt file, a checkpoint folder, or a run folder's best/final/latest."""
+    """The checkpoint a user named: a .pt file, a checkpoint folder, or a run folder's best_checkpoint_in."""
     if not path:
         raise CheckpointError("no checkpoint given: CHECKPOINT=<file.pt, checkpoint folder or run folder>")
     target = Path(path)
     if target.is_dir() and not is_distributed_checkpoint(target):  # a run folder, not a checkpoint folder
-        found = find_latest(target)
+        found = best_checkpoint_in(target)
         if found is None:
             raise CheckpointError(f"no checkpoint in {target}/: train first (e.g. `make train-phase7-test`)")
         return found
@@ -365,18 +384,103 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda p: (checkpoint_step(p), p.stat().st_mtime_ns), default=None)
 
 
-def resume_path(resume: str, out_dir: str) -> Path | None:
-    """The checkpoint a run continues from: `resume` as given, or with resume=auto out_dir's newest (None: none
-    yet, start fresh)."""
-    if resume != "auto":
-        return Path(resume) if resume else None
-    found = newest_checkpoint(out_dir)
-    print(f"resume=auto: {f'continuing from {found}' if found else f'no checkpoint in {out_dir}/, starting fresh'}")
-    return found
-
-
 def write_latest(run_dir: Path, target: Path) -> None:
     atomic_write_bytes(run_dir / LATEST, lambda f: f.write(f"{target.name}\n".encode()))
+
+
+def named_by_latest(run_dir: Path) -> str | None:
+    return (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).is_file() else None
+
+
+# --- keep_last ------------------------------------------------------------------------------------------------
+
+STEP_NAME = re.compile(r"(.+)_step_(\d+)")
+
+
+def remove_older_steps(run_dir: Path, newest: Path, keep_last: int) -> list[str]:
+    """keep_last=K: of the run's step checkpoints of `newest`'s phase up to its step (.pt files and folders
+    alike), delete all but the last K, each with its checksums. Never best or final, never the one `latest`
+    names, never `newest` itself, never one of a higher step (not older: left by a run this one was resumed
+    before). Returns the names removed."""
+    prefix, newest_step = STEP_NAME.fullmatch(checkpoint_name(newest)).groups()
+    steps = [(int(m.group(2)), p) for p in checkpoints_in(run_dir) if (m := STEP_NAME.fullmatch(checkpoint_name(p)))
+             and m.group(1) == prefix and int(m.group(2)) <= int(newest_step)]
+    steps.sort(key=lambda found: (found[0], found[1].stat().st_mtime_ns))
+    keep = {newest.name, named_by_latest(run_dir)}
+    removed = []
+    for _, old in steps[:-keep_last]:
+        if old.name in keep:
+            continue
+        try:
+            delete_checkpoint(old)
+            removed.append(old.name)
+        except OSError as e:  # a checkpoint left behind fills the disk later, but loses nothing: go on training
+            print(f"note: keep_last={keep_last} could not remove {old} ({e.strerror or e}): remove it by hand",
+                  file=sys.stderr)
+    return removed
+
+
+def delete_checkpoint(path: Path) -> None:
+    """A .pt is unlinked, then its checksum file. A folder is first renamed to a hidden `.NAME.partial`, so
+    that no reader meets it half-deleted (and remove_leftovers finishes the job if this process dies)."""
+    if path.is_dir():
+        hidden = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.replace(path, hidden)
+        shutil.rmtree(hidden)
+    else:
+        path.unlink()
+        checksum_file(path).unlink(missing_ok=True)
+
+
+# --- one checkpointer for the training loop --------------------------------------------------------------------
+
+
+class Checkpointer:
+    """A run's checkpoints, for the training loop: save(name), load(path), latest(), in the format its world
+    writes (one process: `.pt` files, FileCheckpoints; several ranks: folders, DistributedCheckpoints), so
+    the loop never asks which. load() takes either format at any world size. `latest` names each new step and
+    final checkpoint, never best (rewritten in place). keep_last=K > 0: once a new step checkpoint is complete
+    (its checksums written; for a folder, published by rank 0), older step checkpoints beyond the last K go
+    (remove_older_steps). One save is in flight at a time; wait() finishes it."""
+
+    def __init__(self, run_dir: Path, world, device: torch.device, keep_last: int = 0):
+        self.run_dir, self.keep_last = run_dir, keep_last
+        self.format = DistributedCheckpoints(run_dir, world.rank, device) if world.active else FileCheckpoints(run_dir)
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from: the run folder's newest complete one by step (newest_checkpoint)."""
+        return newest_checkpoint(self.run_dir)
+
+    def to_resume_from(self, resume: str) -> Path | None:
+        """`resume` as given, or with resume=auto latest() (None: nothing yet, start fresh)."""
+        if resume != "auto":
+            return Path(resume) if resume else None
+        found = self.latest()
+        print(f"resume=auto: continuing from {found}" if found else
+              f"resume=auto: no checkpoint in {self.run_dir}/, starting fresh")
+        return found
+
+    def path_of(self, name: str) -> Path:
+        """Where save(name) writes: `NAME.pt` or the folder `NAME/`."""
+        return self.format.path_of(name)
+
+    def save(self, name: str, model, optimizer, train_state: dict) -> None:
+        """The model, optimizer, this process's RNG and train_state (plain values) as checkpoint `name`,
+        finished in the background."""
+        prune = None
+        if self.keep_last > 0 and STEP_NAME.fullmatch(name):
+            def prune(path):
+                remove_older_steps(self.run_dir, path, self.keep_last)
+        self.format.save(name, model, optimizer, train_state, point_latest=not name.endswith("_best"), then=prune)
+
+    def load(self, path: Path, model, optimizer, verify: bool = True) -> bool:
+        """The checkpoint at `path` into this process's model, optimizer and RNG. False: it holds no RNG state
+        for this rank (saved by fewer ranks), so the caller seeds it."""
+        return self.format.load(path, model, optimizer, verify)
+
+    def wait(self) -> None:
+        self.format.wait()
 
 
 # --- Distributed Checkpoint folders (runs on several ranks) ------------------------------------------------------
@@ -474,7 +578,11 @@ class DistributedCheckpoints:
         self.group = dist.new_group(backend="gloo")
         self.in_flight: tuple[threading.Event, list] | None = None
 
-    def save(self, name: str, model, optimizer, train_state: dict, point_latest: bool) -> None:
+    def path_of(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def save(self, name: str, model, optimizer, train_state: dict, point_latest: bool, then=None) -> None:
+        """then(path): called on rank 0, in the background, once the folder is published."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -495,7 +603,10 @@ class DistributedCheckpoints:
             try:
                 future.result()
                 if self.rank == 0:
-                    self.publish(partial, self.run_dir / name, train_state, point_latest)
+                    self.publish(partial, self.path_of(name), {**train_state, "world_size": dist.get_world_size()},
+                                 point_latest)
+                    if then is not None:
+                        then(self.path_of(name))
             except BaseException as e:  # re-raised in the training thread by wait()
                 errors.append(e)
             finally:
@@ -534,10 +645,10 @@ class DistributedCheckpoints:
                                       f"{dcp_reader.first_failure(errors[0])}") from None
             raise errors[0]
 
-    def load(self, path: Path, model, optimizer, verify: bool = True) -> dict | None:
+    def load(self, path: Path, model, optimizer, verify: bool = True) -> bool:
         """The checkpoint's shards into this rank's model and optimizer, at any world size: from a folder
-        (DCP reshards) or a single process's .pt (each rank takes its slice). Returns this rank's RNG state,
-        or None when the checkpoint has none for this rank (it was saved by fewer ranks)."""
+        (DCP reshards) or a single process's .pt (each rank takes its slice), and this rank's RNG state.
+        False when the checkpoint has none for this rank (it was saved by fewer ranks)."""
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                              set_optimizer_state_dict, set_state_dict)
@@ -554,9 +665,10 @@ class DistributedCheckpoints:
                                      optim_state_dict=optimizer_state_by_name(state["optimizer"],
                                                                               optimizer.optimizer, model))
             if self.rank != 0:  # a single process has one RNG state: rank 0 continues it
-                return None
+                return False
             rng = state["rng"]
-            return {"torch": rng["torch"], **({"cuda": rng["cuda"][0]} if rng["cuda"] else {})}
+            restore_rank_rng({"torch": rng["torch"], **({"cuda": rng["cuda"][0]} if rng["cuda"] else {})}, self.device)
+            return True
         model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
@@ -569,4 +681,7 @@ class DistributedCheckpoints:
             raise CheckpointError(f"{path}: {e}") from None
         set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        return state.get("rng", {}).get(f"rank{self.rank}")
+        if "rng" not in state:
+            return False
+        restore_rank_rng(state["rng"][f"rank{self.rank}"], self.device)
+        return True

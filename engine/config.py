@@ -81,6 +81,7 @@ class Config:
     eval_every: int = 200
     eval_batches: int = 20  # val batches per evaluation (fixed windows, so evals are comparable)
     save_every: int = 2000
+    keep_last: int = 0  # keep the newest K step checkpoints (best, final and `latest`'s always stay); 0: all
     verify_checksums: bool = True  # check each checkpoint file against the checksums written when it was saved
 
     def tokens_per_step(self, world_size: int = 1) -> int:
@@ -106,7 +107,7 @@ class Config:
                               f" = {per_step}; got '{size}'")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
-        for key in ("warmup_steps", "weight_decay", "grad_clip"):  # `not >= 0` also refuses NaN
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "keep_last"):  # `not >= 0`: NaN too
             if not getattr(self, key) >= 0:
                 raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
         if self.max_bad_steps < 1:

@@ -156,11 +156,12 @@ class Trainer:
             removed = ckpt.remove_leftovers(self.out_dir)
             if removed:
                 print(f"removed leftovers of interrupted saves in {self.out_dir}/: {', '.join(removed)}")
-        self.resume_from = ckpt.resume_path(cfg.resume, cfg.out_dir)  # resume=auto: the newest, if any
+        # .pt files on one process, folders on several ranks: the checkpointer knows which, the loop never asks
+        self.checkpointer = ckpt.Checkpointer(self.out_dir, self.world, self.device, cfg.keep_last)
+        self.resume_from = self.checkpointer.to_resume_from(cfg.resume)  # resume=auto: the newest, if any
         resume_state = None
-        if self.resume_from:  # check before building anything, so a wrong checkpoint fails fast
-            resume_state = ckpt.load_checkpoint(self.resume_from, lazy=self.world.active,
-                                                verify=cfg.verify_checksums)
+        if self.resume_from:  # its plain values, checked before building anything, so a wrong checkpoint fails fast
+            resume_state = ckpt.load_checkpoint(self.resume_from, lazy=True)
             ckpt.check_compatible(resume_state, cfg, self.resume_from)
         self.writes_files = self.saving and self.world.rank == 0  # logs, plots, config: rank 0 alone
         torch.manual_seed(cfg.seed)
@@ -176,8 +177,6 @@ class Trainer:
         if cfg.epochs > 0:
             cfg.max_steps = steps_for_epochs(cfg, self.train_data.num_tokens, self.world.size)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.checkpoints = (ckpt.DistributedCheckpoints(self.out_dir, self.world.rank, self.device)
-                            if self.world.active else ckpt.FileCheckpoints(self.out_dir))
         # sequences_drawn counts the training sequences used: a skipped step's batches are not drawn again
         self.step, self.tokens_seen, self.sequences_drawn, self.best_val_loss = 0, 0, 0, float("inf")
         self.log: list[dict] = []
@@ -253,22 +252,15 @@ class Trainer:
                 torch.cuda.empty_cache()
 
     def resume(self, state: dict) -> None:
-        if self.world.active:  # each rank reads its shards (and its own RNG state) from the checkpoint
-            rng = self.checkpoints.load(self.resume_from, self.model, self.optimizer, self.cfg.verify_checksums)
-        else:
-            self.model.load_state_dict(state["model"])
-            ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
-            rng = state["rng"]
+        """The checkpoint's weights, optimizer state and RNG (each rank its own), then its counters from `state`,
+        its plain values."""
+        rng_restored = self.checkpointer.load(self.resume_from, self.model, self.optimizer, self.cfg.verify_checksums)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         # Checkpoints before micro_batch_size counted micro-batches of the saved batch_size instead.
         self.sequences_drawn = state.get("sequences_drawn",
                                          state.get("data_position", 0) * state["config"]["batch_size"])
         self.best_val_loss = state["best_val_loss"]
-        if not self.world.active:
-            ckpt.restore_rng(rng)
-        elif rng is not None:
-            ckpt.restore_rank_rng(rng, self.device)
-        else:  # a rank the checkpoint's run did not have
+        if not rng_restored:  # a rank the checkpoint's run did not have
             torch.manual_seed(rank_seed(self.cfg.seed, self.world.rank, self.step))
         log_file = self.out_dir / "training_log.json"
         if log_file.is_file():  # keep the history up to the checkpoint; later records are replayed
@@ -281,18 +273,9 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "sequences_drawn": self.sequences_drawn,
                 "best_val_loss": self.best_val_loss, "tokenizer": self.cfg.tokenizer}
 
-    def checkpoint_state(self) -> dict:
-        return {**self.train_state(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rng": ckpt.rng_state()}
-
     def save(self, name: str) -> None:
-        if not self.saving:
-            return
-        if self.world.active:  # every rank writes its shards, in the background; `latest` never names best
-            self.checkpoints.save(f"{self.phase.name}_{name}", self.model, self.optimizer,
-                                  {**self.train_state(), "world_size": self.world.size}, point_latest=name != "best")
-        else:
-            self.checkpoints.save(f"{self.phase.name}_{name}", self.checkpoint_state(), point_latest=name != "best")
+        if self.saving:
+            self.checkpointer.save(f"{self.phase.name}_{name}", self.model, self.optimizer, self.train_state())
 
     def batch(self, stream, first: int, size: int) -> torch.Tensor:
         """Windows first..first+size-1 of a stream, on the device."""
@@ -347,9 +330,9 @@ class Trainer:
         name = f"step_{self.step}"
         if self.step % self.cfg.save_every != 0:
             self.save(name)
-        self.checkpoints.wait()
+        self.checkpointer.wait()
         what = signal.Signals(received[0]).name if received else "stop signal (another rank's)"
-        saved = self.out_dir / f"{self.phase.name}_{name}{'' if self.world.active else '.pt'}"
+        saved = self.checkpointer.path_of(f"{self.phase.name}_{name}")
         if self.saving:
             print(f"{what}: stopped after step {self.step} and saved {saved}; exiting with code {PREEMPTED_EXIT} "
                   "(resume=auto continues from it)", flush=True)
@@ -413,7 +396,7 @@ class Trainer:
                 self.stop(received)
                 return
         self.save("final")
-        self.checkpoints.wait()  # the last background save, complete and named by `latest`
+        self.checkpointer.wait()  # the last background save, complete and named by `latest`
         if self.wandb is not None:
             self.wandb.finish()
         if self.saving:

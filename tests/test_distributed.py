@@ -102,8 +102,8 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path):
 def test_a_rank_killed_mid_save_leaves_latest_valid_and_resume_auto_continues_exactly(tmp_path):
     """mdm (each rank draws its own noise) on 2 ranks. Rank 1 alone has a NaN loss in step 1: both ranks skip
     the update. Rank 1 then gets SIGKILL while writing step 4's shards: the job stops naming rank 1, `latest`
-    still names step 2, and resume=auto on 2 ranks replays steps 3 and 4 exactly. (One run for both faults:
-    each torchrun start costs seconds on 2 cores.)"""
+    still names step 2, and resume=auto on 2 ranks replays steps 3 and 4 exactly, with keep_last=1. (One run
+    for these: each torchrun start costs seconds on 2 cores.)"""
     run = tmp_path / "killed"
     args = [*TINY, "phase=mdm", f"out_dir={run}"]
     killed = torchrun(2, *args, module="tests.faults", env={"FAULT_NAN": "1:1", "FAULT_KILL_IN_SAVE": "1:mdm_step_4"})
@@ -117,13 +117,14 @@ def test_a_rank_killed_mid_save_leaves_latest_valid_and_resume_auto_continues_ex
     before = log_of(run)  # the save runs in the background: steps after 4 may have been logged before the kill
     assert [r["step"] for r in before][:4] == [1, 2, 3, 4]
 
-    resumed = torchrun(2, *args, "resume=auto")
+    resumed = torchrun(2, *args, "resume=auto", "keep_last=1")  # each step folder goes once the next is published
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resume=auto: continuing from {run / 'mdm_step_2'}" in resumed.stdout
     after = log_of(run)
     assert [(r["loss"], r["grad_norm"], r.get("val_loss")) for r in after[2:4]] == \
         [(r["loss"], r["grad_norm"], r.get("val_loss")) for r in before[2:4]]
     assert (run / "latest").read_text().strip() == "mdm_final" and not (run / ".mdm_step_4.partial").exists()
+    assert sorted(p.name for p in run.iterdir() if "mdm_" in p.name) == ["mdm_best", "mdm_final", "mdm_step_6"]
 
 
 def test_chat_export_and_consolidate_read_checkpoint_folders(two_ranks, tmp_path):

@@ -174,7 +174,8 @@ def test_checksums_are_written_off_the_training_thread(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "sha256_of", slow_sha256)
     saves = ckpt.FileCheckpoints(tmp_path)
-    saves.save("x_step_1", {"w": torch.ones(3)}, point_latest=True)
+    model, optimizer = torch.nn.Linear(3, 1), torch.optim.SGD([torch.nn.Parameter(torch.ones(3))])
+    saves.save("x_step_1", model, optimizer, {"step": 1}, point_latest=True)
     assert hashing.wait(10) and not (tmp_path / "x_step_1.pt.sha256").exists()
     release.set()
     saves.wait()

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from engine.checkpoint import (CheckpointError, best_checkpoint_in, load_checkpoint, remove_older_steps,
+                               save_checkpoint)
+from engine.config import ConfigError
 from engine.train import Trainer, TrainingError, lr_at
 from phases import load_config
 from tests.resume_check import assert_resume_is_exact
@@ -104,7 +106,41 @@ def test_checkpoint_errors(tmp_path):
         train(tmp_path, "max_steps=4", "d_model=64", f"resume={final}", run="other")
     with pytest.raises(CheckpointError, match="'phase7' checkpoint; this run is phase 'mdm'"):
         train(tmp_path, "max_steps=4", "phase=mdm", f"resume={final}", run="other")
-    assert find_latest(tmp_path / "run") == tmp_path / "run" / "phase7_best.pt"
+    assert best_checkpoint_in(tmp_path / "run") == tmp_path / "run" / "phase7_best.pt"
+
+
+def test_keep_last_removes_older_step_checkpoints_and_changes_no_loss(tmp_path):
+    """keep_last=2 with a save every step: steps 4 and 5 stay, with best and final; the others go with their
+    checksums. The losses are those of a run that keeps all. (Resume with keep_last: tests/test_distributed.py.)"""
+    train(tmp_path, "max_steps=5", "save_every=1", run="all")
+    train(tmp_path, "max_steps=5", "save_every=1", "keep_last=2")
+    run = tmp_path / "run"
+    assert losses(run) == losses(tmp_path / "all")
+    checkpoints = ["phase7_best.pt", "phase7_final.pt", "phase7_step_4.pt", "phase7_step_5.pt"]
+    assert sorted(p.name for p in run.iterdir() if ".pt" in p.name) == sorted(
+        checkpoints + [f"{name}.sha256" for name in checkpoints])
+    assert len(list((tmp_path / "all").glob("*_step_*.pt"))) == 5
+    assert (run / "latest").read_text() == "phase7_final.pt\n"
+    with pytest.raises(ConfigError, match="'keep_last' must be >= 0"):
+        load_config(None, TINY + ["keep_last=-1"])
+
+
+def test_keep_last_never_removes_best_final_latest_or_a_higher_step(tmp_path):
+    """Of phase7's step checkpoints up to the new one, all but the last K go: .pt files and folders alike."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("phase7_step_1.pt", "phase7_step_2.pt", "phase7_step_9.pt", "phase7_best.pt", "phase7_final.pt",
+                 "mdm_step_1.pt", "phase7_step_1.pt.sha256", "phase7_step_2.pt.sha256"):
+        (run / name).write_bytes(b"x")
+    for name in ("phase7_step_3", "phase7_step_4"):  # checkpoint folders, with their checksums inside
+        for file in (".metadata", "train_state.json", "checksums.sha256"):
+            (run / name).mkdir(exist_ok=True)
+            (run / name / file).write_text("{}")
+    (run / "latest").write_text("phase7_step_1.pt\n")  # e.g. the one this run resumed from
+    assert remove_older_steps(run, run / "phase7_step_4", keep_last=1) == ["phase7_step_2.pt", "phase7_step_3"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "latest", "mdm_step_1.pt", "phase7_best.pt", "phase7_final.pt", "phase7_step_1.pt",
+        "phase7_step_1.pt.sha256", "phase7_step_4", "phase7_step_9.pt"]
 
 
 def test_fast_dev_run_saves_nothing(tmp_path):
