@@ -117,7 +117,7 @@ def runs_in(path: str) -> list[Path]:
     """The checkpoints to evaluate: the one CHECKPOINT names, or each run's of a sweep or scaling folder."""
     folder = Path(path)
     if folder.is_dir() and not ckpt.is_distributed_checkpoint(folder) and not ckpt.checkpoints_in(folder):
-        runs = [found for run in sorted(folder.iterdir()) if run.is_dir() and (found := ckpt.find_latest(run))]
+        runs = [found for run in sorted(folder.iterdir()) if run.is_dir() and (found := ckpt.best_checkpoint_in(run))]
         if runs:
             return runs
     return [ckpt.resolve_checkpoint(path)]
