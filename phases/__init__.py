@@ -60,6 +60,9 @@ class Phase:
     # (cfg) -> None: fills keys that follow from something outside the config (phase hf: the tokenizer and
     # vocab_size of a pretrained model) when a run starts, before the resume check and the data. None: nothing.
     resolve_config: Callable | None = None
+    # (model, step, cfg) -> None, before each training step (steps count from 1): sets model state that is a pure
+    # function of the step, like the learning rate (phase 7's curvature schedule), so resume replays it. None: nothing.
+    on_step: Callable | None = None
 
 
 def get_phase(name: str) -> Phase:

@@ -68,6 +68,9 @@ def main(argv: list[str]) -> None:
     if state.get("phase") != "phase7":
         raise CheckpointError(f"{argv[0]} is a '{state.get('phase')}' checkpoint; this exports phase 7 (Llama) only")
     args = model_args(config_from_dict(state["config"]))
+    if args.attention_geometry == "hyperbolic":
+        raise CheckpointError(f"{argv[0]} uses attention_geometry=hyperbolic: transformers' Llama has no "
+                              "hyperbolic attention, so it cannot be exported")
     to_hf(args, state["model"]).save_pretrained(argv[1])
     if args.embedding == "tt":
         print(f"note: the TT embedding (rank {args.tt_rank}) was expanded to a dense {args.vocab_size} x "
