@@ -108,7 +108,7 @@ def _prune(kernel):
 
 
 DELTA_BLOCK = 64
-Z_MIN = tl.constexpr(1 + Z_EPS)  # hyperbolic: -c <q, k>_L is clamped to at least this (kernels/hyperbolic.py)
+Z_EPS_ = tl.constexpr(Z_EPS)  # hyperbolic: -c <q, k>_L is clamped to at least 1 + Z_EPS c (kernels/hyperbolic.py)
 
 
 @triton.jit
@@ -118,17 +118,18 @@ def _lorentz_z(dot, time_product, curv):
 
 
 @triton.jit
-def _arcosh(z):
-    """arcosh(max(z, Z_MIN)); (z - 1)(z + 1) rather than z^2 - 1, which cancels near 1."""
-    z = tl.maximum(z, Z_MIN)
+def _arcosh(z, curv):
+    """arcosh(max(z, 1 + Z_EPS c)); (z - 1)(z + 1) rather than z^2 - 1, which cancels near 1."""
+    z = tl.maximum(z, 1 + Z_EPS_ * curv)
     return tl.log(z + tl.sqrt((z - 1) * (z + 1)))
 
 
 @triton.jit
-def _arcosh_slope(z):
-    """d arcosh(max(z, Z_MIN)) / dz: 1 / sqrt(z^2 - 1), and 0 where the clamp holds."""
-    clamped = tl.maximum(z, Z_MIN)
-    return tl.where(z > Z_MIN, 1 / tl.sqrt((clamped - 1) * (clamped + 1)), 0.0)
+def _arcosh_slope(z, curv):
+    """d arcosh(max(z, 1 + Z_EPS c)) / dz: 1 / sqrt(z^2 - 1), and 0 where the clamp holds."""
+    z_min = 1 + Z_EPS_ * curv
+    clamped = tl.maximum(z, z_min)
+    return tl.where(z > z_min, 1 / tl.sqrt((clamped - 1) * (clamped + 1)), 0.0)
 
 
 @triton.jit
@@ -151,7 +152,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, qk_scale, rows
         dot = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if HYPERBOLIC:
             k0 = tl.load(K0 + cols, mask=cols < N_CTX_K, other=0.0) if MASKED else tl.load(K0 + cols)
-            s = _arcosh(_lorentz_z(dot, q0[:, None] * k0[None, :], curv)) * qk_scale
+            s = _arcosh(_lorentz_z(dot, q0[:, None] * k0[None, :], curv), curv) * qk_scale
         else:
             s = dot * qk_scale
         if MASKED:
@@ -273,7 +274,7 @@ def _dkdv_query_blocks(dk, dv, dk0, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stri
         if HYPERBOLIC:
             q0 = tl.load(Q0 + rows, mask=row_ok, other=0.0) if MASKED else tl.load(Q0 + rows)
             z_t = _lorentz_z(dot_t, k0[:, None] * q0[None, :], curv)
-            p_t = tl.exp2(_arcosh(z_t) * qk_scale - lse[None, :])
+            p_t = tl.exp2(_arcosh(z_t, curv) * qk_scale - lse[None, :])
         else:
             p_t = tl.exp2(dot_t * qk_scale - lse[None, :])
         if MASKED:
@@ -285,7 +286,7 @@ def _dkdv_query_blocks(dk, dv, dk0, k, v, Q, DO, DQ, LSE, DELTA, stride_qs, stri
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if HYPERBOLIC:
-            ds_t = ds_t * slope_scale * _arcosh_slope(z_t)
+            ds_t = ds_t * slope_scale * _arcosh_slope(z_t, curv)
             dk0 -= tl.sum(ds_t * q0[None, :], 1)
         ds_t = ds_t.to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
@@ -407,7 +408,7 @@ def _dq_key_blocks(dq, dq0, dist_sum, z_sum, q, do, lse, delta, K, V, stride_ks,
         if HYPERBOLIC:
             k0 = tl.load(K0 + cols, mask=cols < N_CTX_K, other=0.0) if MASKED else tl.load(K0 + cols)
             z = _lorentz_z(dot, q0[:, None] * k0[None, :], curv)
-            dist = _arcosh(z)
+            dist = _arcosh(z, curv)
             p = tl.exp2(dist * qk_scale - lse[:, None])
         else:
             p = tl.exp2(dot * qk_scale - lse[:, None])
@@ -420,7 +421,7 @@ def _dq_key_blocks(dq, dq0, dist_sum, z_sum, q, do, lse, delta, K, V, stride_ks,
         ds = p * (dp - delta[:, None])
         if HYPERBOLIC:
             dist_sum += tl.sum(ds * dist, 1)
-            ds = ds * slope_scale * _arcosh_slope(z)
+            ds = ds * slope_scale * _arcosh_slope(z, curv)
             z_sum += tl.sum(ds * z, 1)
             dq0 -= tl.sum(ds * k0[None, :], 1)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)

@@ -23,8 +23,9 @@ Transformers (HypFormer, Yang et al., KDD 2024; Chen et al., "Fully Hyperbolic N
 - Numerical guards: arcosh'(z) = 1/sqrt(z^2 - 1) is infinite at z = 1 (q = k) and z is rounded from a difference
   of products that grow as cosh^2 of the tangent norms, so (1) sqrt(c)|v| is clipped to MAX_TANGENT_NORM before the
   map (feature clipping, Guo et al., CVPR 2022): x0 stays below cosh(MAX_TANGENT_NORM) / sqrt(c) and z's rounding
-  error small; (2) z is clamped to at least 1 + Z_EPS, so d_c >= sqrt(2 Z_EPS / c) and the gradient through
-  arcosh is bounded (zero on the clamped side, as for any clamp).
+  error small; (2) z is clamped to at least 1 + Z_EPS c, so d_c >= ~sqrt(2 Z_EPS) and the gradient through
+  arcosh is bounded (zero on the clamped side, as for any clamp). The clamp is 1 + Z_EPS c rather than 1 + Z_EPS so
+  that the distance floor, about sqrt(2 Z_EPS), does not grow as c shrinks (z - 1 is about c d^2 / 2).
 """
 
 import math
@@ -32,7 +33,9 @@ import math
 import torch
 
 MAX_TANGENT_NORM = 4.0  # sqrt(c)|v| is clipped to this: x0 <= cosh(4) / sqrt(c) ~ 27 / sqrt(c), z <= cosh(8) ~ 1490
-Z_EPS = 1e-4  # z = -c <q, k>_L >= 1 + Z_EPS: about fp32's rounding of z at the clipped radius
+# z = -c <q, k>_L >= 1 + Z_EPS c, i.e. d_c >= ~sqrt(2 Z_EPS) = 0.014 whatever c; at c = 1 and the clipped radius,
+# fp32 rounds z to ~4e-5. (Below c ~ 1e-3, fp32 cannot resolve z - 1 ~ c d^2 / 2 at all: keep c above that.)
+Z_EPS = 1e-4
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -63,10 +66,11 @@ def expmap0(v: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def hyperbolic_scores(q_s, k_s, q0, k0, curvature, beta):
     """-beta d_c(q, k) for points on the hyperboloid, heads first: q_s (B, H, n_q, D), k_s (B, H, n_k, D), q0, k0
     (B, H, n), curvature and beta (H,) (per query head here). The Lorentz product is one matmul of (q_s, q0) with
-    (k_s, -k0): the dot product plus the rank-1 term. arcosh(max(z, 1 + Z_EPS)) as in the kernel."""
+    (k_s, -k0): the dot product plus the rank-1 term. arcosh(max(z, 1 + Z_EPS c)) as in the kernel."""
     c, beta = curvature[:, None, None], beta[:, None, None]
     lorentz = torch.cat([q_s, q0[..., None]], -1) @ torch.cat([k_s, -k0[..., None]], -1).transpose(-2, -1)
-    return torch.acosh((-c * lorentz).clamp_min(1 + Z_EPS)) * (-beta / c.sqrt())
+    floor = 1 + Z_EPS * c.detach()  # as in the kernel, no gradient flows through the clamp's bound
+    return torch.acosh(torch.maximum(-c * lorentz, floor)) * (-beta / c.sqrt())
 
 
 def hyperbolic_attention_reference(q_s, k_s, q0, k0, v, curvature, beta, causal=True, mask=None):
