@@ -229,3 +229,16 @@ def test_export_refuses_a_hyperbolic_checkpoint_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="no hyperbolic attention") as error:
         export([str(tmp_path / "model.pt"), str(tmp_path / "hf")])
     assert "\n" not in str(error.value) and not (tmp_path / "hf").exists()
+
+
+def test_bench_reports_each_variant_against_euclidean_and_reuses_finished_runs(tmp_path, capsys):
+    from bench import hyperbolic_attention
+
+    argv = ["--steps", "2", "--seeds", "1", "--rounds", "1", "--steps-per-round", "1", "--no-record",
+            "--runs", str(tmp_path), "--variants", "euclid,hlinear", *TINY]
+    hyperbolic_attention.main(argv)
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r[1].strip() for r in rows[1:]] == ["euclidean", "hyperbolic, c linear 0.1 -> 1 over 100 steps"]
+    assert rows[1][4].strip() == "+0.0000" and rows[1][6].strip() == "1.00x"
+    hyperbolic_attention.main(argv)  # the finished runs are read, not trained again
+    assert "continuing from" in capsys.readouterr().out
