@@ -242,3 +242,8 @@ def test_bench_reports_each_variant_against_euclidean_and_reuses_finished_runs(t
     assert rows[1][4].strip() == "+0.0000" and rows[1][6].strip() == "1.00x"
     hyperbolic_attention.main(argv)  # the finished runs are read, not trained again
     assert "continuing from" in capsys.readouterr().out
+
+
+def test_phase8_refuses_hyperbolic_attention():
+    with pytest.raises(ConfigError, match="phase 7 and mdm"):
+        load_config(None, ["phase=phase8", *MODEL])
