@@ -695,8 +695,8 @@ def _hyperbolic_backward(do: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor,
     c, b = geometry[0].double(), beta.double()
     dbeta = -dist_sum / c.sqrt()
     dc = (dist_sum * b / (2 * c ** 1.5) - z_sum / c ** 2).view(H_kv, H // H_kv).sum(1)
-    return (dq_s, dk_s, dq0.transpose(1, 2).to(q0.dtype), dk0.transpose(1, 2).to(k0.dtype), dv,
-            dc.to(curvature.dtype), dbeta.to(beta.dtype))
+    dq0, dk0 = (t.transpose(1, 2).to(like.dtype).contiguous() for t, like in ((dq0, q0), (dk0, k0)))
+    return dq_s, dk_s, dq0, dk0, dv, dc.to(curvature.dtype), dbeta.to(beta.dtype)
 
 
 @_hyperbolic_backward.register_fake

@@ -146,6 +146,17 @@ def test_kernel_matches_the_float64_reference_forward_and_every_gradient(dtype, 
     assert max(errors.values()) < tolerance, errors
 
 
+def test_custom_ops_pass_torch_library_opcheck():
+    """Schema, fake (meta) versions and autograd registration agree with the real kernels."""
+    kernel_or_skip()
+    q_s, k_s, q0, k0, v, c, beta = (t.detach() for t in inputs(1, 9, 2, 1, 16, torch.float32, DEVICE))
+    o, lse = torch.ops.kernels.hyperbolic_attention_forward(q_s, k_s, q0, k0, v, c, beta, True)
+    torch.library.opcheck(torch.ops.kernels.hyperbolic_attention_forward,
+                          (q_s.requires_grad_(), k_s, q0, k0, v, c.requires_grad_(), beta, True))
+    torch.library.opcheck(torch.ops.kernels.hyperbolic_attention_backward,
+                          (torch.randn_like(o), q_s.detach(), k_s, q0, k0, v, c.detach(), beta, o, lse, True))
+
+
 def test_kernel_refuses_mismatched_geometry():
     attend = kernel_or_skip()
     q_s, k_s, q0, k0, v, c, beta = inputs(1, 5, 2, 1, 16, torch.float32, DEVICE)
