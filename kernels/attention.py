@@ -16,6 +16,15 @@ the key-block kernel sums dK, dV over the query heads of its group.
 Causal attention skips the key blocks above the diagonal and masks only blocks on the diagonal or at a ragged end;
 all others run without masks. Causal needs as many keys as queries (flash_attn aligns unequal lengths
 bottom-right; nothing here needs that).
+
+Hyperbolic attention (hyperbolic_flash_attention; the math, its choices and the PyTorch reference are in
+kernels/hyperbolic.py) is the same kernels with HYPERBOLIC set, a constexpr, so the euclidean kernels compile as
+before. Queries and keys come as points of the hyperboloid (spatial parts in the usual layout, time components q0,
+k0 beside them); a tile's score is z = c (q0 k0^T - q_s k_s^T), the dot product plus a rank-1 term, then
+-beta arcosh(z) / sqrt(c), and the online softmax runs unchanged. Backward scales dS by beta sqrt(c) arcosh'(z),
+so the same matmuls give dQ_s and dK_s; row and column sums give dQ0 and dK0, and the dQ kernel's per-row sums
+of dS arcosh(z) and dS z give d/dbeta and d/dc. It always runs the deterministic backward (dQ0 would need a
+second atomic buffer).
 """
 
 import os
