@@ -10,8 +10,8 @@ Transformers (HypFormer, Yang et al., KDD 2024; Chen et al., "Fully Hyperbolic N
   and go onto the hyperboloid by the exponential map there, x_s = sinh(sqrt(c)|v|) v / (sqrt(c)|v|),
   x0 = cosh(sqrt(c)|v|) / sqrt(c). Gulcehre et al. place activations by pseudo-polar coordinates (cosh r, sinh r u),
   u a unit direction and r from a learned function: the same point as the exp map of r u at c = 1; here r is the
-  projection's own norm, so no extra parameters. Values stay Euclidean (the aggregation is the ordinary weighted sum, not an Einstein midpoint):
-  the block's output goes back into a Euclidean residual stream anyway.
+  projection's own norm, so no extra parameters. Values stay Euclidean (the ordinary weighted sum, not the paper's
+  Einstein midpoint): the block's output goes back into a Euclidean residual stream anyway.
 - Score: -beta * d_c(q, k) - gamma, d_c = arcosh(-c <q, k>_L) / sqrt(c), as in Gulcehre et al. gamma shifts every
   score of a row by the same amount, so under softmax it cancels exactly: we have no gamma (it would be a
   parameter with zero gradient); it would only matter to an unnormalised (sigmoid) attention, which we do not have.
