@@ -198,6 +198,10 @@ bench-adam8bit: $(ENV) ## 8-bit AdamW for memory mode: ours vs bitsandbytes, tor
 bench-tt-embedding: $(ENV) ## tensor-train ("HTT") embedding vs dense at equal steps: val loss, params, tok/s [CONFIG=...]
 	$(PYTHON) -m bench.tt_embedding $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
+.PHONY: bench-hyperbolic-attention
+bench-hyperbolic-attention: $(ENV) ## hyperbolic attention (each curvature schedule) vs euclidean at equal steps: val loss, s/step [CONFIG=...]
+	$(PYTHON) -m bench.hyperbolic_attention $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
 bench-hf: $(ENV) ## GPU: phase hf (Qwen3-0.6B architecture, seq 512) vs the plain loop + torch.compile [LEVERS=1] [MEMORY=1]
 	$(PYTHON) -m bench.hf $(if $(LEVERS),--levers) $(if $(MEMORY),--memory-mode) $(ARGS)
 .PHONY: train-phase8 train-phase8-test chat-phase8 bench-phase8-vs-phase7 bench-phase8-variants

@@ -1,6 +1,7 @@
 """make bench-kernels: our Triton attention and RMSNorm against their peers, measured in the same process.
 
-Attention: ours (and, forward + backward, ours with deterministic=True), SDPA's FlashAttention-2 and cuDNN
+Attention: ours (and, forward + backward, ours with deterministic=True; and ours with attention_geometry=hyperbolic,
+its exponential map of q and k included, as the model runs it), SDPA's FlashAttention-2 and cuDNN
 backends, and flash-attn when installed; forward and forward + backward, 16k tokens per call (batch = 16384 //
 seq), 16 heads, plus one grouped-query case (4 kv heads). FLOPs: forward 4 B H S^2 D (half when causal), forward +
 backward 3.5x that. RMSNorm: 16384 x 2048, bf16 x with a bf16 weight and with an fp32 one (training's mix outside
@@ -20,7 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from bench.results import record
-from kernels.attention import flash_attention
+from kernels.attention import flash_attention, hyperbolic_flash_attention
+from kernels.hyperbolic import expmap0
 from kernels.norm import rms_norm, rms_norm_reference
 
 MATMUL_FLOPS = 739e12  # H100 SXM dense bf16, as measured by a large cuBLAS matmul
@@ -30,6 +32,16 @@ HEADS = 16
 GQA_KV_HEADS = 4
 OURS = "ours"
 DETERMINISTIC = "ours (deterministic)"  # fwd+bwd only: its forward is ours
+HYPERBOLIC = "ours (hyperbolic)"  # a variant of ours, not a peer: another score, not the same attention
+
+
+def hyperbolic(q, k, v, causal):
+    """Hyperbolic attention as phase 7 runs it at curvature 1 and beta 1: expmap0 of q and k, then our kernel."""
+    kv_heads = k.shape[2]
+    curvature = torch.ones(kv_heads, device=q.device)
+    q_s, q0 = expmap0(q, curvature.repeat_interleave(q.shape[2] // kv_heads))
+    k_s, k0 = expmap0(k, curvature)
+    return hyperbolic_flash_attention(q_s, k_s, q0, k0, v, curvature, torch.ones(q.shape[2], device=q.device), causal)
 
 
 def attention_peers():
@@ -44,6 +56,7 @@ def attention_peers():
 
     peers = {OURS: lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
              DETERMINISTIC: lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=True),
+             HYPERBOLIC: hyperbolic,
              "SDPA FA2": sdpa_with(SDPBackend.FLASH_ATTENTION),
              "SDPA cuDNN": sdpa_with(SDPBackend.CUDNN_ATTENTION)}
     try:

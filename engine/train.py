@@ -302,6 +302,8 @@ class Trainer:
         self.optimizer.apply() then updates (or drops the update)."""
         cfg, accum, size = self.cfg, self.accumulation_steps, self.micro_batch_size
         self.optimizer.begin_step(lr_at(self.step + 1, cfg), accum)
+        if self.phase.on_step is not None:
+            self.phase.on_step(self.model, self.step + 1, cfg)
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
             # Windows are numbered consecutively from the start of the run, so any split draws each once;

@@ -2,6 +2,9 @@
 
     kernels.flash_attention(q, k, v, causal=True, softmax_scale=None,   Triton, kernels/attention.py
                             deterministic=False)
+    kernels.hyperbolic_flash_attention(q_s, k_s, q0, k0, v, curvature,  Triton, kernels/attention.py
+                                       beta, causal=True)
+    kernels.hyperbolic_attention_reference, expmap0, curvature_at       PyTorch, kernels/hyperbolic.py
     kernels.rms_norm(x, weight, eps), kernels.rms_norm_residual(...)     Triton, kernels/norm.py
     kernels.linear_cross_entropy(hidden, weight, targets, ...)           PyTorch, kernels/cross_entropy.py
     from kernels.linear_attention import linear_attention                Triton, kernels/linear_attention.py
@@ -16,6 +19,8 @@ import importlib
 
 _MODULE_OF = {
     "flash_attention": "attention", "attention_reference": "attention", "triton_available": "support",
+    "hyperbolic_flash_attention": "attention", "hyperbolic_attention_reference": "hyperbolic",
+    "expmap0": "hyperbolic", "curvature_at": "hyperbolic",
     "rms_norm": "norm", "rms_norm_residual": "norm", "rms_norm_reference": "norm",
     "rms_norm_residual_reference": "norm",
     "linear_cross_entropy": "cross_entropy", "linear_cross_entropy_reference": "cross_entropy",

@@ -69,6 +69,9 @@ class Phase:
     # loglikelihood(pairs of context and continuation ids). None: engine.likelihood.CausalScorer, exact
     # next-token log-likelihoods; phases/mdm/likelihood.py is the diffusion one.
     scorer: type | None = None
+    # (model, step, cfg) -> None, before each training step (steps count from 1): sets model state that is a pure
+    # function of the step, like the learning rate (phase 7's curvature schedule), so resume replays it. None: nothing.
+    on_step: Callable | None = None
 
 
 # Module paths of phases outside phases/ that the user named in this process.

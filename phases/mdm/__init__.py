@@ -20,6 +20,7 @@ from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
 from phases.mdm.likelihood import DiffusionScorer
 from phases.mdm.sampler import generate, mask_id, token_weight
+from phases.phase7 import schedule_curvature
 from phases.phase7.config import SHAPE_KEYS, Phase7Config, model_args
 from phases.phase7.model import Transformer
 
@@ -92,4 +93,5 @@ def eval_diffusion_loss(model: Transformer, batch: torch.Tensor, cfg: MDMConfig)
 
 
 PHASE = Phase(name="mdm", build_model=build_model, loss=diffusion_loss, generate=generate,
-              eval_loss=eval_diffusion_loss, config=MDMConfig, shape_keys=SHAPE_KEYS, scorer=DiffusionScorer)
+              eval_loss=eval_diffusion_loss, config=MDMConfig, shape_keys=SHAPE_KEYS, scorer=DiffusionScorer,
+              on_step=schedule_curvature)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from engine.sampling import SamplingSettings, sample_tokens
 from kernels.cross_entropy import linear_cross_entropy
 from phases import Phase
-from phases.phase7.config import SHAPE_KEYS, Phase7Config, model_args
-from phases.phase7.model import Transformer
+from phases.phase7.config import SHAPE_KEYS, Phase7Config, model_args, scheduled_curvature
+from phases.phase7.model import Attention, Transformer
 
 
 def build_model(cfg: Phase7Config) -> Transformer:
@@ -23,6 +23,17 @@ def next_token_loss(model: Transformer, batch: torch.Tensor, cfg: Phase7Config) 
     if cfg.fused_cross_entropy:
         return linear_cross_entropy(hidden, weight, targets)
     return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+
+
+@torch.no_grad()
+def schedule_curvature(model: Transformer, step: int, cfg: Phase7Config) -> None:
+    """Phase.on_step: hyperbolic attention layers take the curvature schedule's value at this step (a buffer
+    saved with the weights, so evaluation, chat and a resumed run see the value of the checkpoint's step)."""
+    if cfg.attention_geometry == "hyperbolic":
+        value = scheduled_curvature(cfg, step)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.curvature_scale.fill_(value)
 
 
 @torch.no_grad()
@@ -47,4 +58,5 @@ def generate(model: Transformer, prompt: torch.Tensor, settings: SamplingSetting
 
 
 PHASE = Phase(name="phase7", build_model=build_model, loss=next_token_loss, generate=generate,
-              config=Phase7Config, shape_keys=SHAPE_KEYS)
+              config=Phase7Config, shape_keys=SHAPE_KEYS,
+              on_step=schedule_curvature)

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from engine.config import Config, ConfigError, choose
+from kernels.hyperbolic import SCHEDULES, curvature_at
 from kernels.support import ATTENTION_HEAD_DIMS, RMS_NORM_MAX_HIDDEN, triton_available
 from phases.phase7.model import ModelArgs
 from phases.phase7.tt_embedding import tt_shape
 
-# A checkpoint saved before embedding/tt_rank/tie_embeddings existed reads their defaults: dense and untied.
+# A checkpoint saved before embedding/tt_rank/tie_embeddings/attention_geometry/curvature_learned existed reads
+# their defaults: dense, untied, euclidean.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "embedding", "tt_rank",
-              "tie_embeddings")
+              "tie_embeddings", "attention_geometry", "curvature_learned")
 
 
 @dataclass
@@ -35,6 +37,16 @@ class Phase7Config(Config):
     embedding: str = "dense"  # dense | tt: the input table as three tensor-train cores (phases/phase7/tt_embedding.py)
     tt_rank: int = 0  # the TT rank with embedding=tt (required there, e.g. 16 or 64; 0 with dense)
     tie_embeddings: bool = False  # the output head is the input embedding's table (a TT one materialised per step)
+    # Hyperbolic attention (kernels/hyperbolic.py; README "Hyperbolic attention"): scores -beta d_c(q, k) on the
+    # hyperboloid of curvature -c, beta learned per head; the curvature follows curvature_schedule from
+    # curvature_start to curvature over curvature_warmup_steps (a pure function of the step, like the learning rate),
+    # times a learned per-kv-head factor when curvature_learned.
+    attention_geometry: str = "euclidean"  # euclidean | hyperbolic
+    curvature: float = 1.0  # c > 0: the curvature (-c) after warm-up, or throughout with curvature_schedule=constant
+    curvature_learned: bool = False
+    curvature_schedule: str = "constant"  # constant | linear | cosine
+    curvature_start: float = 0.1  # linear/cosine: the curvature at step 0
+    curvature_warmup_steps: int = 0  # linear/cosine: the steps from curvature_start to curvature
 
     # --- objective ---
     fused_cross_entropy: bool = True  # lm_head + cross-entropy in chunks of tokens: never the full logits
@@ -61,6 +73,23 @@ class Phase7Config(Config):
                 raise ConfigError(str(e)) from None
         elif self.tt_rank:
             raise ConfigError(f"tt_rank={self.tt_rank} is for embedding=tt; this config has embedding=dense")
+        choose(self, "attention_geometry", ["euclidean", "hyperbolic"])
+        choose(self, "curvature_schedule", list(SCHEDULES))
+        if self.attention_geometry == "hyperbolic":
+            if self.attention != "triton":
+                raise ConfigError(f"attention_geometry=hyperbolic runs our Triton kernel (its PyTorch reference where "
+                                  f"Triton cannot run): set attention=triton, not {self.attention}")
+            for key in ("curvature", "curvature_start"):
+                if not getattr(self, key) > 0:
+                    raise ConfigError(f"config key '{key}' must be > 0 (the hyperboloid's curvature is -c), "
+                                      f"got {getattr(self, key)}")
+            if self.curvature_schedule != "constant" and self.curvature_warmup_steps <= 0:
+                raise ConfigError(f"curvature_schedule={self.curvature_schedule} needs curvature_warmup_steps > 0")
+
+
+def scheduled_curvature(cfg: Phase7Config, step: int) -> float:
+    """The curvature schedule's value at a step (0 before training)."""
+    return curvature_at(step, cfg.curvature_schedule, cfg.curvature_start, cfg.curvature, cfg.curvature_warmup_steps)
 
 
 def ffn_dim_for(cfg: Phase7Config) -> int:
@@ -94,4 +123,6 @@ def model_args(cfg: Phase7Config, causal: bool = True, vocab_size: int | None = 
         n_kv_heads=cfg.n_kv_heads or cfg.n_heads, ffn_dim=ffn_dim_for(cfg), max_seq_len=cfg.n_seq,
         rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, init_std=cfg.init_std, causal=causal,
         attention=attention_backend(cfg), rms_norm=norm_backend(cfg), fused_projections=cfg.fused_projections,
-        embedding=cfg.embedding, tt_rank=cfg.tt_rank, tie_embeddings=cfg.tie_embeddings)
+        embedding=cfg.embedding, tt_rank=cfg.tt_rank, tie_embeddings=cfg.tie_embeddings,
+        attention_geometry=cfg.attention_geometry, curvature=scheduled_curvature(cfg, 0),
+        curvature_learned=cfg.curvature_learned)

@@ -92,6 +92,9 @@ def main(argv: list[str]) -> None:
     if state.get("phase") != "phase7":
         raise CheckpointError(f"{argv[0]} is a '{state.get('phase')}' checkpoint; this exports phase 7 (Llama) only")
     args = model_args(config_from_dict(state["config"]))
+    if args.attention_geometry == "hyperbolic":
+        raise CheckpointError(f"{argv[0]} uses attention_geometry=hyperbolic: transformers' Llama has no "
+                              "hyperbolic attention, so it cannot be exported")
     tokenizer = training_tokenizer(state.get("tokenizer", ""))
     eos_id = None if tokenizer is None else tokenizer.eos_token_id
     to_hf(args, state["model"], eos_id).save_pretrained(argv[1])

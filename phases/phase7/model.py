@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.hyperbolic import expmap0, hyperbolic_attention_reference
 from phases.phase7.tt_embedding import TTEmbedding
 
 
@@ -37,6 +38,9 @@ class ModelArgs:
     embedding: str = "dense"  # dense | tt (tensor-train cores, tt_embedding.py)
     tt_rank: int = 0  # the TT cores' rank, with embedding=tt
     tie_embeddings: bool = False  # the output head is the input embedding's table (no lm_head of its own)
+    attention_geometry: str = "euclidean"  # euclidean | hyperbolic (kernels/hyperbolic.py)
+    curvature: float = 1.0  # hyperbolic: the scheduled curvature a new model starts at (the engine sets it per step)
+    curvature_learned: bool = False  # hyperbolic: a learned per-kv-head factor on the scheduled curvature
 
     @property
     def head_dim(self) -> int:
@@ -139,7 +143,10 @@ def fused_linear(x, *linears):
 
 
 class Attention(nn.Module):
-    """Multi-head (grouped-query) attention with RoPE: the token mixer of phase 7's blocks."""
+    """Multi-head (grouped-query) attention with RoPE: the token mixer of phase 7's blocks. With
+    attention_geometry=hyperbolic the scores are -beta d_c(q, k) on a hyperboloid (kernels/hyperbolic.py): beta is
+    learned per query head; the curvature is the buffer curvature_scale (the schedule's value, set by the engine
+    each step and saved with the weights) times a learned per-kv-head factor when curvature_learned."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -150,6 +157,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.d_model, bias=False)
+        self.hyperbolic = args.attention_geometry == "hyperbolic"
+        if self.hyperbolic:
+            self.log_beta = nn.Parameter(torch.zeros(self.n_heads))
+            self.log_curvature = nn.Parameter(torch.zeros(self.n_kv_heads)) if args.curvature_learned else None
+            self.register_buffer("curvature_scale", torch.tensor(float(args.curvature)))
+
+    def curvature(self) -> torch.Tensor:
+        """This step's curvature per kv head: the scheduled value, times the learned factor if any."""
+        if self.log_curvature is None:
+            return self.curvature_scale.expand(self.n_kv_heads)
+        return self.curvature_scale * self.log_curvature.exp()
+
+    def hyperbolic_attention(self, q, k, v, mask):
+        """q, k mapped onto the hyperboloid, softmax(-beta d_c(q, k)) v: our Triton kernel on CUDA (unmasked
+        calls), the PyTorch reference elsewhere."""
+        c, beta = self.curvature(), self.log_beta.exp()
+        q_s, q0 = expmap0(q, c.repeat_interleave(self.n_heads // self.n_kv_heads))
+        k_s, k0 = expmap0(k, c)
+        if mask is None and self.backend == "triton" and q.is_cuda:
+            from kernels.attention import hyperbolic_flash_attention
+            return hyperbolic_flash_attention(q_s, k_s, q0, k0, v, c, beta, causal=self.causal)
+        return hyperbolic_attention_reference(q_s, k_s, q0, k0, v, c, beta, self.causal, mask)
 
     def project(self, x, rope):
         """q, k, v (B, S, heads, head_dim) of x (B, S, d), RoPE applied to q and k."""
@@ -174,7 +203,10 @@ class Attention(nn.Module):
                 # New queries sit at positions start..start+S-1 of a longer key sequence.
                 positions = torch.arange(k.shape[1], device=x.device)
                 mask = positions[None, :] <= (start + torch.arange(S, device=x.device))[:, None]
-        out = attention(q, k, v, self.causal, self.backend, mask)
+        if self.hyperbolic:
+            out = self.hyperbolic_attention(q, k, v, mask)
+        else:
+            out = attention(q, k, v, self.causal, self.backend, mask)
         return self.o_proj(out.reshape(B, S, -1))
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
@@ -250,7 +282,9 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if tt and name.startswith("embed_tokens."):
                 continue
-            if p.ndim == 1:
+            if name.endswith((".log_beta", ".log_curvature")):  # hyperbolic attention's beta and factor start at 1
+                nn.init.zeros_(p)
+            elif p.ndim == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
@@ -309,7 +343,11 @@ class Transformer(nn.Module):
         return flops
 
     def describe(self) -> str:
-        parts = [f"attention {self.args.attention}", f"rms_norm {self.args.rms_norm}"]
+        attention = self.args.attention
+        if self.args.attention_geometry == "hyperbolic":
+            attention = f"hyperbolic ({'triton' if attention == 'triton' else 'PyTorch reference'}" + \
+                (", learned curvature)" if self.args.curvature_learned else ")")
+        parts = [f"attention {attention}", f"rms_norm {self.args.rms_norm}"]
         if isinstance(self.embed_tokens, TTEmbedding):
             e = self.embed_tokens
             parts.append(f"embedding tt rank {e.rank} ({' x '.join(map(str, e.vocab_factors))} by "

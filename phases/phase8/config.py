@@ -33,6 +33,9 @@ class Phase8Config(Phase7Config):
             raise ConfigError(f"sliding_window={self.sliding_window} applies to the softmax blocks of a hybrid: "
                               "set hybrid_every too (e.g. hybrid_every=2), or sliding_window=0")
         choose(self, "linear_attention", ["triton", "torch"])
+        if self.attention_geometry != "euclidean":
+            raise ConfigError("attention_geometry=hyperbolic is for phase 7 and mdm; phase 8's softmax blocks are "
+                              "euclidean")
 
 
 def linear_attention_backend(cfg: Phase8Config) -> str:
