@@ -72,7 +72,7 @@ def run_ours(args, n_layers=None, switches=(), name=None) -> dict:
     trainer = Trainer(load_config(CONFIG, overrides))
 
     def step():
-        trainer.train_step()
+        trainer.forward_backward()
         trainer.optimizer.apply()
 
     name = name or ("ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)")

@@ -116,7 +116,7 @@ def time_training_step(phase: str, seq: int, args) -> dict:
         trainer = Trainer(load_config(RECIPES[phase], step_overrides(seq, args.tokens, args.overrides)))
 
         def step():
-            trainer.train_step()
+            trainer.forward_backward()
             trainer.optimizer.apply()
 
         for _ in range(args.warmup):

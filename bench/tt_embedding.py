@@ -61,7 +61,7 @@ def time_variants(args) -> dict[str, float]:
         for name, trainer in trainers.items():
             start = time.perf_counter()
             for _ in range(args.steps_per_round):
-                trainer.train_step()
+                trainer.forward_backward()
                 trainer.optimizer.apply()
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps_per_round)
     tokens = next(iter(trainers.values())).cfg.tokens_per_step()

@@ -228,8 +228,8 @@ def test_a_resplit_after_12_sequences_draws_every_window_exactly_once(tmp_path):
     trainer.train_data.batch = lambda first, count: (drawn.extend(range(first, first + count)),
                                                       real_batch(first, count))[1]
     trainer.sequences_drawn = 12
-    trainer.train_step()
-    trainer.train_step()
+    trainer.forward_backward()
+    trainer.forward_backward()
     assert drawn == list(range(12, 28))
 
 
