@@ -58,7 +58,7 @@ quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
 test: $(ENV) ## run the test suite (CPU; GPU tests are skipped without CUDA)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
-check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn
+check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn; memory mode's 1.44B peak
 	$(PYTHON) -m engine.check_env
 
 check-phase7-env: check-env ## alias of check-env
