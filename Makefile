@@ -29,7 +29,7 @@ RESUME = $(if $(CHECKPOINT),resume=$(CHECKPOINT))
 P7_1B5 := configs/phase7_1.5b_triton.yaml
 need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> is required, e.g. make $@ CHECKPOINT=$(1)" >&2; exit 2; }
 
-.PHONY: help setup quickstart test check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
+.PHONY: help setup quickstart test lint check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints \
@@ -55,8 +55,11 @@ quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
 	@echo "--- a sample from checkpoints/phase7_test (chat with it: make chat CHECKPOINT=checkpoints/phase7_test)"
 	echo "ROMEO:" | $(PYTHON) -m engine.chat checkpoints/phase7_test max_new_tokens=60 seed=0
 
-test: $(ENV) ## run the test suite (CPU; GPU tests are skipped without CUDA)
+test: lint ## lint, then run the test suite (CPU; GPU tests are skipped without CUDA)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(ENV) ## ruff with ruff.toml's rules (pyflakes, pycodestyle, 120 columns)
+	$(PYTHON) -m ruff check --no-cache .
 
 check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn; memory mode's 1.44B peak
 	$(PYTHON) -m engine.check_env

@@ -139,7 +139,8 @@ def field_types(cls: type[Config]) -> dict[str, type]:
 def unknown_key(key: str, cls: type[Config], owners: list[str]) -> ConfigError:
     """owners: the phases whose config has the key that cls lacks."""
     if owners:
-        return ConfigError(f"config key '{key}' belongs to phase {' / '.join(owners)}; this run's phase has no such key")
+        return ConfigError(f"config key '{key}' belongs to phase {' / '.join(owners)}; "
+                           "this run's phase has no such key")
     close = difflib.get_close_matches(key, field_types(cls), n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " Run with print_config=true to list keys."
     return ConfigError(f"unknown config key '{key}'.{hint}")
@@ -264,7 +265,8 @@ def read_config_files(path: str) -> list[tuple[str, dict]]:
 def build_config(cls: type[Config], sources: list[tuple[str | None, dict]],
                  owners_of: Callable[[str], list[str]]) -> Config:
     """Defaults < each source's values in turn (a YAML file's bases, the file's, then the overrides), each value
-    type-checked against cls. A source's name prefixes its errors; owners_of(key) names the phases that have a key cls lacks."""
+    type-checked against cls. A source's name prefixes its errors; owners_of(key) names the phases that have a key
+    cls lacks."""
     values = {}
     for source, raw in sources:
         try:

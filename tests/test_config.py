@@ -178,4 +178,5 @@ def test_a_training_error_of_python_m_engine_train_is_one_line(tmp_path):
     """python -m runs engine/train.py as __main__, whose TrainingError is another class than engine.train's."""
     result = run_train("configs/phase7_test.yaml", "data=dummy", "flops_budget=10", f"out_dir={tmp_path}")
     assert result.returncode == 1
-    assert [line[:46] for line in result.stderr.strip().splitlines()] == ["error: flops_budget=10 is less than one step ("]
+    lines = result.stderr.strip().splitlines()
+    assert [line[:46] for line in lines] == ["error: flops_budget=10 is less than one step ("]

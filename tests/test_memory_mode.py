@@ -521,7 +521,9 @@ def test_memory_mode_imports_and_runs_where_triton_is_not_installed():
             "import engine.train\n"
             "model = prepare_model_for_memory_mode(torch.nn.Linear(4, 4))\n"
             "opt = InBackwardOptimizer(model)\n"
-            "opt.begin_step(1e-3, 1); model(torch.randn(2, 4, dtype=torch.bfloat16)).float().sum().backward(); opt.end_step()\n"
+            "opt.begin_step(1e-3, 1)\n"
+            "model(torch.randn(2, 4, dtype=torch.bfloat16)).float().sum().backward()\n"
+            "opt.end_step()\n"
             "print('ok')\n")
     root = __file__.rsplit("/tests/", 1)[0]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

@@ -122,8 +122,8 @@ def test_flops_per_token_counts_non_embedding_params():
 
 
 def test_a_block_compiles_into_one_graph():
-    """engine.blocks.compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused) would
-    split it and lose fusion. aot_eager traces forward and backward without needing a C++ compiler."""
+    """engine.blocks.compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused)
+    would split it and lose fusion. aot_eager traces forward and backward without needing a C++ compiler."""
     model = tiny("n_kv_heads=2")
     block, x = model.layers[0], torch.randn(2, 9, 64, requires_grad=True)
     rope = (model.rope_cos[:9], model.rope_sin[:9])

@@ -75,7 +75,8 @@ def test_non_finite_loss_skips_updates_then_stops_without_touching_checkpoints(t
                                     f"resume={final}"])
     trainer = Trainer(cfg)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.phase = dataclasses.replace(trainer.phase, loss=lambda model, batch, cfg: model(batch[:, 1:]).sum() * float("nan"))
+    trainer.phase = dataclasses.replace(trainer.phase,
+                                        loss=lambda model, batch, cfg: model(batch[:, 1:]).sum() * float("nan"))
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
         trainer.fit()
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
