@@ -29,7 +29,7 @@ RESUME = $(if $(CHECKPOINT),resume=$(CHECKPOINT))
 P7_1B5 := configs/phase7_1.5b_triton.yaml
 need_checkpoint = @test -n "$(CHECKPOINT)" || { echo "error: CHECKPOINT=<path> is required, e.g. make $@ CHECKPOINT=$(1)" >&2; exit 2; }
 
-.PHONY: help setup quickstart test test-device-versions aot-check gpu-check check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
+.PHONY: help setup quickstart test lint test-device-versions aot-check gpu-check check-env check-phase7-env verify-phase7 triton-attn data-lite data recipe \
 	train train-phase7-test train-phase7-small train-phase7-1.5b train-phase7-1.5b-test \
 	train-phase7-1.5b-resume train-mdm-test train-mdm-6M train-mdm-170M train-mdm-1B sweep scaling plot \
 	chat chat-phase7-1.5b consolidate bench-phase7-1.5b bench-kernels bench-adam8bit bench-fsdp clean-checkpoints \
@@ -55,8 +55,13 @@ quickstart: $(ENV) ## setup, data-lite, train the tiny model, sample from it
 	@echo "--- a sample from checkpoints/phase7_test (chat with it: make chat CHECKPOINT=checkpoints/phase7_test)"
 	echo "ROMEO:" | $(PYTHON) -m engine.chat checkpoints/phase7_test max_new_tokens=60 seed=0
 
-test: $(ENV) ## run the test suite (CPU; GPU tests are skipped without CUDA)
+test: lint ## lint, then run the test suite (CPU; GPU tests are skipped without CUDA)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(ENV) ## ruff with ruff.toml's rules (pyflakes, pycodestyle, 120 columns)
+	@if [ -z "$(ENV)" ] && ! $(PYTHON) -c "import ruff" 2>/dev/null; then \
+		echo "lint skipped: ruff is not installed for $(PYTHON) (it is in .venv)"; \
+	else $(PYTHON) -m ruff check --no-cache .; fi
 
 # The device's versions (the lent H200 runs torch 2.11, triton 3.6, transformers 5.17; CI tests the newest): a
 # second venv, and triton 3.6 alone beside .venv for compiling. Both git-ignored.
@@ -85,7 +90,7 @@ aot-check: $(ENV) $(DEVICE_TRITON)/.installed ## compile every config of every T
 gpu-check: ## on a lent GPU (PYTHON=python3): every headline check and number in one <= 8-min call [STEPS="tests verify"|--plan]
 	$(if $(filter command line,$(origin PYTHON)),PYTHON=$(PYTHON)) scripts/gpu_check.sh $(STEPS)
 
-check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn
+check-env: $(ENV) ## ✓/✗ for torch, CUDA/GPU, Triton (a kernel is run), flash-attn; memory mode's 1.44B peak
 	$(PYTHON) -m engine.check_env
 
 check-phase7-env: check-env ## alias of check-env

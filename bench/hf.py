@@ -61,7 +61,7 @@ def run_ours(args, switches=(), name="ours (phase hf)") -> dict:
     trainer = Trainer(load_config(CONFIG, bench_overrides(args) + list(switches)))
 
     def step():
-        trainer.train_step()
+        trainer.forward_backward()
         trainer.optimizer.apply()
 
     print(f"{name}: {trainer.model.describe()}", flush=True)

@@ -4,7 +4,8 @@ Times optimizer steps of the real engine (engine.train.Trainer on dummy data) af
 tok/s, MFU, peak memory, and the deepest model of this width that fits. With --peer, transformers'
 LlamaForCausalLM with the same dims (bf16 autocast, fused AdamW, SDPA, torch.compile) runs in the same
 process, so the ratio is meaningful. --mem-gb caps the process's GPU memory and runs ours in memory mode
-(bf16 weights, 8-bit AdamW inside backward, checkpointing). --levers starts from plain eager PyTorch and turns
+(bf16 weights, 8-bit AdamW inside backward, checkpointing) and shows memory mode's estimated peak beside the
+measured one. --levers starts from plain eager PyTorch and turns
 our optimisations on one at a time, each row timed in the same process. --fsdp times ours as one process and
 then under FSDP2 at world size 1 (torchrun's environment for one rank, set in this process): what sharding
 costs where it shards nothing, the floor of multi-GPU overhead. Results are appended to bench/RESULTS.md.
@@ -21,6 +22,7 @@ import torch
 
 from bench.results import record
 from engine.distributed import shutdown
+from engine.memory_mode.estimate import estimate_for_model
 from engine.optim import build_optimizer
 from engine.train import Trainer, autocast_for, lr_at, peak_flops
 from phases import load_config
@@ -72,12 +74,15 @@ def run_ours(args, n_layers=None, switches=(), name=None) -> dict:
     trainer = Trainer(load_config(CONFIG, overrides))
 
     def step():
-        trainer.train_step()
+        trainer.forward_backward()
         trainer.optimizer.apply()
 
     name = name or ("ours (phase7, memory mode)" if trainer.cfg.memory_mode else "ours (phase7)")
-    return measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), trainer.cfg.n_layers, step,
-                   args)
+    row = measure(name, trainer.cfg, trainer.model.flops_per_token(trainer.cfg.n_seq), trainer.cfg.n_layers, step,
+                  args)
+    if trainer.cfg.memory_mode:  # what engine/memory_mode/estimate.py predicted, beside the measured peak
+        row["estimate_gib"] = estimate_for_model(trainer.model, trainer.cfg)["total"] / 2**30
+    return row
 
 
 def run_levers(args) -> list[dict]:
@@ -179,15 +184,18 @@ def deepest_that_fits(args) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown rows; a `gain` column (tok/s over the row above) when any row has one."""
-    gains = any("gain" in r for r in rows)
-    lines = ["| run | layers | tok/s | MFU | peak GiB |" + (" gain |" if gains else ""),
-             "|---|---|---|---|---|" + ("---|" if gains else "")]
+    """Markdown rows; a `gain` column (tok/s over the row above) when any row has one, and an `estimated GiB`
+    one (memory mode's estimated peak) when any row has that."""
+    gains, estimates = any("gain" in r for r in rows), any("estimate_gib" in r for r in rows)
+    lines = ["| run | layers | tok/s | MFU | peak GiB |" + (" estimated GiB |" if estimates else "")
+             + (" gain |" if gains else ""),
+             "|---|---|---|---|---|" + ("---|" if estimates else "") + ("---|" if gains else "")]
     for r in rows:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] else "-"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        estimate = (f" {r['estimate_gib']:.2f} |" if "estimate_gib" in r else " - |") if estimates else ""
         gain = (f" {r['gain']:.3f}x |" if "gain" in r else " - |") if gains else ""
-        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {peak} |{gain}")
+        lines.append(f"| {r['name']} | {r['n_layers']} | {r['tok_per_s']:,.0f} | {mfu} | {peak} |{estimate}{gain}")
     return "\n".join(lines)
 
 

@@ -116,7 +116,7 @@ def time_training_step(phase: str, seq: int, args) -> dict:
         trainer = Trainer(load_config(RECIPES[phase], step_overrides(seq, args.tokens, args.overrides)))
 
         def step():
-            trainer.train_step()
+            trainer.forward_backward()
             trainer.optimizer.apply()
 
         for _ in range(args.warmup):
@@ -132,7 +132,7 @@ def time_training_step(phase: str, seq: int, args) -> dict:
     except torch.cuda.OutOfMemoryError:
         return {"oom": True}
     finally:
-        del trainer
+        trainer = None  # `step` holds it too: dropping it here frees the model before free_gpu()
         free_gpu()
 
 
@@ -205,7 +205,7 @@ def run_mixer(args) -> str:
             times[name].append(milliseconds(lambda fn=fn: fn(q, k, v, g).backward(do), leaves))
         print(f"  S={seq}: " + ", ".join(f"{n} {t[-1]:.2f} ms" if t[-1] else f"{n} n/a" for n, t in times.items()),
               file=sys.stderr, flush=True)
-        del q, k, v, g, do, leaves
+        q = k = v = g = do = leaves = None  # the lambdas above hold them too: drop them before free_gpu()
         free_gpu()
 
     def per_32k(ms, seq):

@@ -61,7 +61,7 @@ def time_variants(args) -> dict[str, float]:
         for name, trainer in trainers.items():
             start = time.perf_counter()
             for _ in range(args.steps_per_round):
-                trainer.train_step()
+                trainer.forward_backward()
                 trainer.optimizer.apply()
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps_per_round)
     tokens = next(iter(trainers.values())).cfg.tokens_per_step()
@@ -89,7 +89,8 @@ def recipe_table(ranks=(16, 64, 256)) -> str:
     for rank in (*ranks, top):
         n = tt_param_count(RECIPE_VOCAB, RECIPE_D, rank)
         label = f"tt rank {rank}" + (" (the largest useful rank)" if rank == top else "")
-        lines.append(f"| {label} | {n / 1e6:.2f}M | {(dense - n) / 1e6:.1f}M | {100 * (dense - n) / RECIPE_PARAMS:.1f}% |")
+        lines.append(f"| {label} | {n / 1e6:.2f}M | {(dense - n) / 1e6:.1f}M "
+                     f"| {100 * (dense - n) / RECIPE_PARAMS:.1f}% |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ import importlib
 import os
 import platform
 import sys
+from pathlib import Path
 
 REQUIRED = ["torch", "numpy", "yaml", "transformers", "tokenizers", "tqdm"]
 OPTIONAL = {"datasets": "hub datasets in make data", "wandb": "logger: wandb", "flash_attn": "attention=flash_attn"}
@@ -41,6 +42,26 @@ def check_triton_kernel(cuda: bool) -> str:
     return "compiled and ran on the GPU" if cuda else "ran in the interpreter (TRITON_INTERPRET=1, no GPU)"
 
 
+def memory_mode_line(cuda: bool) -> None:
+    """The 1.44B recipe's peak in memory mode (engine/memory_mode/estimate.py) against this GPU's memory: whether
+    make train-phase7-1.5b can fit here, before it tries. Informational: nothing required is missing if not."""
+    import torch
+
+    from engine.memory_mode.estimate import estimate_for_model
+    from phases import get_phase, load_config
+
+    recipe = "configs/phase7_1.5b_triton.yaml"
+    cfg = load_config(str(Path(__file__).resolve().parent.parent / recipe))
+    with torch.device("meta"):
+        need = estimate_for_model(get_phase(cfg.phase).build_model(cfg), cfg)["total"] / 2**30
+    text = f"memory mode: {recipe} needs ~{need:.1f} GiB at its peak (estimated, + the CUDA context)"
+    if not cuda:
+        print(f"- {text}; no GPU here")
+        return
+    have = torch.cuda.get_device_properties(0).total_memory / 2**30
+    print(f"{'✓' if need + 0.5 < have else '-'} {text}; this GPU has {have:.1f} GiB")
+
+
 def main() -> int:
     missing = []
     print(f"  Python {platform.python_version()} on {platform.system()} {platform.machine()}")
@@ -74,6 +95,10 @@ def main() -> int:
         except Exception as e:
             line(False, f"Triton kernel failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             missing.append("a working triton")
+    try:
+        memory_mode_line(cuda)
+    except Exception as e:
+        print(f"- memory mode estimate failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     for name, use in OPTIONAL.items():
         version = version_of(name)
         print(f"{'✓' if version else '-'} {name} {version or 'not installed'} (optional: {use})")

@@ -1,4 +1,6 @@
-"""Flat run configuration: one YAML file per recipe, any key overridable as key=value.
+"""Flat run configuration: one YAML file per recipe, any key overridable as key=value. A recipe that differs
+from another in a few keys says `base: other.yaml` and gives only those keys; the resolved config (what
+print_config shows and a run saves) has no `base`.
 
 `Config` holds the engine's keys (run, data, optimisation, logging). A phase adds its own (model shape,
 objective) by subclassing it: `phases/<name>/` names that class in its `Phase`, and the `phase` key of a
@@ -138,7 +140,8 @@ def field_types(cls: type[Config]) -> dict[str, type]:
 def unknown_key(key: str, cls: type[Config], owners: list[str]) -> ConfigError:
     """owners: the phases whose config has the key that cls lacks."""
     if owners:
-        return ConfigError(f"config key '{key}' belongs to phase {' / '.join(owners)}; this run's phase has no such key")
+        return ConfigError(f"config key '{key}' belongs to phase {' / '.join(owners)}; "
+                           "this run's phase has no such key")
     close = difflib.get_close_matches(key, field_types(cls), n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " Run with print_config=true to list keys."
     return ConfigError(f"unknown config key '{key}'.{hint}")
@@ -236,10 +239,35 @@ def read_yaml(path: str) -> dict:
     return loaded
 
 
+def read_config_files(path: str) -> list[tuple[str, dict]]:
+    """The config file and the chain of bases it names (`base: other.yaml`), base first, each as (path, its keys
+    without `base`), so each key's errors name the file that set it. A base's path is relative to the file that
+    names it. A base is a file the user named through their config, read as safely as the config itself."""
+    chain = []
+    while True:
+        values = read_yaml(path)
+        chain.insert(0, (path, values))
+        if "base" not in values:
+            return chain
+        base = values.pop("base")
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base must name another config file, got {base!r}")
+        base_path = str(Path(path).parent / base.strip())
+        if not Path(base_path).is_file():
+            raise ConfigError(f"{path}: base '{base.strip()}' not found (looked for {base_path})")
+        named = [Path(p).resolve() for p, _ in reversed(chain)]
+        if Path(base_path).resolve() in named:
+            files = [p for p, _ in reversed(chain)]
+            cycle = files[named.index(Path(base_path).resolve()):] + [base_path]
+            raise ConfigError(f"config bases form a cycle: {' -> '.join(cycle)}")
+        path = base_path
+
+
 def build_config(cls: type[Config], sources: list[tuple[str | None, dict]],
                  owners_of: Callable[[str], list[str]]) -> Config:
-    """Defaults < each source's values in turn (a YAML file's, then the overrides), each value type-checked against
-    cls. A source's name prefixes its errors; owners_of(key) names the phases that have a key cls lacks."""
+    """Defaults < each source's values in turn (a YAML file's bases, the file's, then the overrides), each value
+    type-checked against cls. A source's name prefixes its errors; owners_of(key) names the phases that have a key
+    cls lacks."""
     values = {}
     for source, raw in sources:
         try:

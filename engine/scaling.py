@@ -194,7 +194,8 @@ def compare(out: Path, phase: str, reference: str) -> None:
     missing = [name for name, rows in results.items() if not frontier(rows)]
     if missing:
         raise ConfigError(f"--compare needs finished runs of {phase} and {reference} in {out}; none for "
-                          f"{', '.join(missing)}: run `make scaling PHASE=<phase> SIZES=... BUDGETS=... OUT={out}` first")
+                          f"{', '.join(missing)}: run `make scaling PHASE=<phase> SIZES=... BUDGETS=... OUT={out}` "
+                          "first")
     fronts = {name: frontier(rows) for name, rows in results.items()}
     fits = {name: fit_power_law(points) for name, points in fronts.items()}
     gaps = compute_gap(fits[phase], fronts[reference], [p["budget"] for p in fronts[phase]]) if fits[phase] else []

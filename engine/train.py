@@ -238,7 +238,7 @@ class Trainer:
     def micro_step_fits(self, size: int) -> bool:
         self.micro_batch_size, self.accumulation_steps = size, 1
         try:
-            self.train_step()
+            self.forward_backward()
             self.optimizer.apply(finite=False)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()  # an asynchronous failure surfaces here, not in the real run
@@ -297,7 +297,7 @@ class Trainer:
         self.model.train()
         return world.mean(total).item() / self.cfg.eval_batches
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the step's micro-batches; returns (loss, grad norm) as device tensors.
         self.optimizer.apply() then updates (or drops the update)."""
         cfg, accum, size = self.cfg, self.accumulation_steps, self.micro_batch_size
@@ -362,7 +362,7 @@ class Trainer:
         bad_steps, window_start, window_tokens = 0, time.perf_counter(), 0
         last_step = cfg.fast_dev_run if cfg.fast_dev_run else cfg.max_steps
         while self.step < last_step:
-            loss, grad_norm = self.train_step()
+            loss, grad_norm = self.forward_backward()
             # One host sync per optimizer step (never per micro-step): skip non-finite updates.
             if not torch.isfinite(loss + grad_norm):
                 self.optimizer.apply(finite=False)

@@ -17,7 +17,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from engine.config import (Config, ConfigError, build_config, field_types, parse_overrides, read_yaml,
+from engine.config import (Config, ConfigError, build_config, field_types, parse_overrides, read_config_files,
                            restore_config)
 
 
@@ -118,15 +118,19 @@ def owners_of(key: str) -> list[str]:
 
 
 def load_config(path: str | None, overrides: dict | list[str] | None = None) -> Config:
-    """Defaults < YAML file < overrides, each value type-checked against the config class of the phase they name."""
+    """Defaults < the YAML file's bases < the YAML file < overrides, each value type-checked against the config
+    class of the phase they name (the last of them to name one)."""
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
-    from_file = read_yaml(path) if path else {}
-    phase = str(overrides.get("phase", from_file.get("phase", Config.phase))).strip()
-    if "." in phase:  # a phase outside phases/, named by the user's own file or command line: trusted
+    files = read_config_files(path) if path else []  # the file's bases first, then the file
+    phase = Config.phase
+    for _, values in [*files, (None, overrides)]:
+        phase = values.get("phase", phase)
+    phase = str(phase).strip()
+    if "." in phase:  # a phase outside phases/, named by the user's own files or command line: trusted
         allow_phase_module(phase)
-    return build_config(get_phase(phase).config, [(path, from_file), (None, overrides)], owners_of)
+    return build_config(get_phase(phase).config, [*files, (None, overrides)], owners_of)
 
 
 def config_from_dict(values: dict) -> Config:

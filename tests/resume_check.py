@@ -18,14 +18,14 @@ def assert_resume_is_exact(trainer_for, tmp_path, phase: str) -> tuple[dict, dic
     Returns the two final checkpoints (straight, resumed) for checks of the caller's own."""
     trainer_for("straight").fit()
     interrupted = trainer_for("resumed")
-    real_step = interrupted.train_step
+    real_step = interrupted.forward_backward
 
     def crash_after_step_3():
         if interrupted.step == 3:
             raise KeyboardInterrupt
         return real_step()
 
-    interrupted.train_step = crash_after_step_3
+    interrupted.forward_backward = crash_after_step_3
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
     trainer_for("resumed", f"resume={tmp_path / 'resumed' / f'{phase}_step_3.pt'}").fit()

@@ -35,6 +35,15 @@ def test_table_shows_the_gain_over_the_row_above():
     assert "gain" not in phase7.table(rows[:1])
 
 
+def test_table_puts_memory_modes_estimated_peak_beside_the_measured_one():
+    rows = [{"name": "a", "n_layers": 24, "tok_per_s": 1000.0, "mfu": 0.3, "peak_gib": 3.0},
+            {"name": "b", "n_layers": 24, "tok_per_s": 900.0, "mfu": 0.2, "peak_gib": 6.1, "estimate_gib": 6.05}]
+    lines = phase7.table(rows).splitlines()
+    assert lines[0].endswith("| peak GiB | estimated GiB |") and lines[1].count("|") == 7
+    assert lines[2].endswith("| 3.00 | - |") and lines[3].endswith("| 6.10 | 6.05 |")
+    assert "estimated" not in phase7.table(rows[:1])
+
+
 def test_kernel_bench_counts_the_bytes_of_the_dtypes_it_moves():
     """bf16 throughout: 2 passes forward, 5 with backward; an fp32 weight makes y and dy fp32."""
     from bench.bench_kernels import rms_norm_bytes

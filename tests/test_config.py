@@ -100,6 +100,49 @@ def test_epochs_and_flops_budget_exclude_each_other():
         load_config(None, ["epochs=1", "flops_budget=1e15"])
 
 
+def test_a_base_gives_its_keys_then_the_file_and_the_overrides_win(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text("d_model: 64\nn_heads: 4\nn_layers: 2\nmax_steps: 10\n")
+    # a base's path is relative to the file that names it, and bases chain
+    (tmp_path / "shared" / "mid.yaml").write_text("base: root.yaml\nn_layers: 3\nuse_flash_attention: false\n")
+    (tmp_path / "run.yaml").write_text("base: shared/mid.yaml\nphase: phase8\nmax_steps: 20\nattention: eager\n")
+    cfg = load_config(str(tmp_path / "run.yaml"), ["max_steps=30"])
+    assert (cfg.phase, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.max_steps) == ("phase8", 64, 4, 3, 30)
+    assert cfg.attention == "eager"  # the file's key beats the alias its base set
+    assert "base" not in cfg.to_dict() and cfg.hybrid_every == 0  # the last file's phase chose the class
+
+
+def test_a_bad_key_in_a_base_names_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("d_modle: 64\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"^\S*base.yaml: unknown config key 'd_modle'"):
+        load_config(str(tmp_path / "run.yaml"))
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "base: missing.yaml\n"}, "{d}/a.yaml: base 'missing.yaml' not found (looked for {d}/missing.yaml)"),
+    ({"a.yaml": "base:\n"}, "{d}/a.yaml: base must name another config file, got None"),
+    ({"a.yaml": "base: a.yaml\n"}, "config bases form a cycle: {d}/a.yaml -> {d}/a.yaml"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: c.yaml\n", "c.yaml": "base: b.yaml\n"},
+     "config bases form a cycle: {d}/b.yaml -> {d}/c.yaml -> {d}/b.yaml"),
+])
+def test_a_missing_base_or_a_cycle_is_a_one_line_error(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(tmp_path / "a.yaml"))
+    assert str(error.value) == message.format(d=tmp_path)
+
+
+def test_print_config_shows_a_based_config_resolved(capsys):
+    from engine.train import main
+
+    main([f"{ROOT}/configs/phase8_1.5b.yaml", "print_config=true"])
+    printed = capsys.readouterr().out
+    assert "base:" not in printed
+    assert "d_model: 2048" in printed and "phase: phase8" in printed  # the base's key, the file's
+
+
 def run_train(*args):
     return subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=ROOT, capture_output=True, text=True)
 
@@ -137,4 +180,5 @@ def test_a_training_error_of_python_m_engine_train_is_one_line(tmp_path):
     """python -m runs engine/train.py as __main__, whose TrainingError is another class than engine.train's."""
     result = run_train("configs/phase7_test.yaml", "data=dummy", "flops_budget=10", f"out_dir={tmp_path}")
     assert result.returncode == 1
-    assert [line[:46] for line in result.stderr.strip().splitlines()] == ["error: flops_budget=10 is less than one step ("]
+    lines = result.stderr.strip().splitlines()
+    assert [line[:46] for line in lines] == ["error: flops_budget=10 is less than one step ("]

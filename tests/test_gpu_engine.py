@@ -45,7 +45,8 @@ def test_triton_model_matches_the_pytorch_model(compiled):
 def test_compiled_triton_training_learns(markov_data, tmp_path, memory_mode):
     cfg = load_config(None, SMALL + [f"data={markov_data}", "n_seq=128", "batch_size=16",
                                      "gradient_accumulation_steps=2", "max_steps=60", "warmup_steps=10",
-                                     "learning_rate=3e-3", "log_every=10", "eval_every=60", "eval_batches=4", "save_every=60", "use_compile=true",
+                                     "learning_rate=3e-3", "log_every=10", "eval_every=60", "eval_batches=4",
+                                     "save_every=60", "use_compile=true",
                                      "use_gradient_checkpointing=true", f"memory_mode={memory_mode}",
                                      f"out_dir={tmp_path / 'run'}"])
     Trainer(cfg).fit()
@@ -54,8 +55,9 @@ def test_compiled_triton_training_learns(markov_data, tmp_path, memory_mode):
 
 
 def test_auto_micro_batch_fits_a_small_model_in_one_micro_step(markov_data):
-    cfg = load_config(None, SMALL + [f"data={markov_data}", "n_seq=128", "batch_size=4", "gradient_accumulation_steps=8",
-                                     "micro_batch_size=auto", "fast_dev_run=2", "memory_mode=true"])
+    cfg = load_config(None, SMALL + [f"data={markov_data}", "n_seq=128", "batch_size=4",
+                                     "gradient_accumulation_steps=8", "micro_batch_size=auto", "fast_dev_run=2",
+                                     "memory_mode=true"])
     trainer = Trainer(cfg)
     assert (trainer.micro_batch_size, trainer.accumulation_steps) == (32, 1)  # 2 layers x 256 wide: fits anywhere
     trainer.fit()

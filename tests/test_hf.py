@@ -188,7 +188,8 @@ def test_export_gives_a_folder_from_pretrained_loads_with_equal_logits(trained_r
     assert tokenizer.encode("to be or not") == AutoTokenizer.from_pretrained(state["tokenizer"]).encode("to be or not")
 
     save_checkpoint(tmp_path / "mdm.pt", {"phase": "mdm", "config": {"phase": "mdm"}, "model": {}})
-    with pytest.raises(CheckpointError, match=r"'mdm' checkpoint and that phase has no exporter \(phases/mdm/export.py"):
+    with pytest.raises(CheckpointError,
+                       match=r"'mdm' checkpoint and that phase has no exporter \(phases/mdm/export.py"):
         export([str(tmp_path / "mdm.pt"), str(tmp_path / "out")])
 
 

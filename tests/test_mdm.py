@@ -155,3 +155,31 @@ def test_training_lowers_the_bound():
         loss.backward()
         optimizer.step()
     assert eval_diffusion_loss(model, batch, CFG).item() < 0.25 * before
+
+
+def test_fused_cross_entropy_false_gives_the_plain_loss_and_gradient(monkeypatch):
+    """mdm honours fused_cross_entropy: false takes the full-logits path, with the same bound."""
+    import phases.mdm
+
+    fused_calls = []
+    fused_loss = phases.mdm.linear_cross_entropy
+    monkeypatch.setattr(phases.mdm, "linear_cross_entropy", lambda *a, **k: (fused_calls.append(1),
+                                                                              fused_loss(*a, **k))[1])
+    batch = torch.randint(0, V, (3, 41))
+    results = []
+    for fused in (True, False):
+        fused_calls.clear()
+        model = tiny(f"fused_cross_entropy={fused}").train()
+        cfg = load_config(None, MODEL + [f"fused_cross_entropy={fused}"])
+        torch.manual_seed(1)
+        loss = diffusion_loss(model, batch, cfg)
+        loss.backward()
+        with torch.no_grad():
+            results.append((loss, eval_diffusion_loss(model, batch, cfg), [p.grad for p in model.parameters()]))
+        assert len(fused_calls) == (1 + EVAL_LEVELS if fused else 0)
+    (fused_loss, fused_eval, fused_grads), (plain_loss, plain_eval, plain_grads) = results
+    assert fused_loss > 0
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused_eval, plain_eval, rtol=1e-6, atol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

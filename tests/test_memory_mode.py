@@ -21,7 +21,7 @@ from engine.blocks import checkpoint_blocks  # noqa: E402
 from engine.memory_mode import kernels as memory_kernels, optimizer as memory_optimizer  # noqa: E402
 from engine.memory_mode.codec import (BLOCK, BlockQuantized, decode, encode,  # noqa: E402
                                       stochastic_round_to_bf16)
-from engine.memory_mode.estimate import estimate_memory_mode_bytes  # noqa: E402
+from engine.memory_mode.estimate import estimate_for_model, estimate_memory_mode_bytes  # noqa: E402
 from engine.memory_mode.optimizer import InBackwardOptimizer, prepare_model_for_memory_mode  # noqa: E402
 from kernels.support import is_interpreted  # noqa: E402
 from phases import load_config  # noqa: E402
@@ -370,8 +370,21 @@ def test_1_44b_model_fits_8_gib():
                  n_layers=cfg.n_layers, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size, n_seq=cfg.n_seq)
     plain = estimate_memory_mode_bytes(**shape)
     accumulating = estimate_memory_mode_bytes(**shape, accumulation_steps=16)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (1, 16)
+    assert estimate_for_model(model, cfg) == accumulating  # what check-env reports: the recipe's own batch
     assert plain["weights_bf16"] + plain["adamw_states_8bit"] < 5.9e9
     assert plain["left"] > 1.5e9 and accumulating["left"] > 0.5e9
+
+
+def test_check_env_reports_the_1_44b_recipes_memory_mode_peak(capsys):
+    import re
+
+    from engine.check_env import memory_mode_line
+
+    memory_mode_line(cuda=False)
+    out = capsys.readouterr().out
+    assert out.startswith("- memory mode: configs/phase7_1.5b_triton.yaml needs ~") and out.endswith("no GPU here\n")
+    assert 7.0 < float(re.search(r"needs ~([\d.]+) GiB", out).group(1)) < 8.0  # ~8.0e9 bytes with accumulation
 
 
 # --- the Triton kernels against the PyTorch code -----------------------------------------------------
@@ -508,7 +521,9 @@ def test_memory_mode_imports_and_runs_where_triton_is_not_installed():
             "import engine.train\n"
             "model = prepare_model_for_memory_mode(torch.nn.Linear(4, 4))\n"
             "opt = InBackwardOptimizer(model)\n"
-            "opt.begin_step(1e-3, 1); model(torch.randn(2, 4, dtype=torch.bfloat16)).float().sum().backward(); opt.end_step()\n"
+            "opt.begin_step(1e-3, 1)\n"
+            "model(torch.randn(2, 4, dtype=torch.bfloat16)).float().sum().backward()\n"
+            "opt.end_step()\n"
             "print('ok')\n")
     root = __file__.rsplit("/tests/", 1)[0]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

@@ -122,8 +122,8 @@ def test_flops_per_token_counts_non_embedding_params():
 
 
 def test_a_block_compiles_into_one_graph():
-    """engine.blocks.compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused) would
-    split it and lose fusion. aot_eager traces forward and backward without needing a C++ compiler."""
+    """engine.blocks.compile_blocks compiles each block; a graph break inside one (as torch.compiler.disable caused)
+    would split it and lose fusion. aot_eager traces forward and backward without needing a C++ compiler."""
     model = tiny("n_kv_heads=2")
     block, x = model.layers[0], torch.randn(2, 9, 64, requires_grad=True)
     rope = (model.rope_cos[:9], model.rope_sin[:9])
@@ -133,3 +133,15 @@ def test_a_block_compiles_into_one_graph():
     eager_grad, = torch.autograd.grad(eager_out.square().sum(), x)
     compiled_grad, = torch.autograd.grad(compiled_out.square().sum(), x)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_repeat_kv_gives_query_head_h_the_kv_head_h_over_group():
+    """The grouping flash_attention reads natively: query head h attends with kv head h // (heads // kv_heads)."""
+    from phases.phase7.model import repeat_kv
+
+    k, v = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    k6, v6 = repeat_kv(k, v, 6)
+    assert k6.shape == v6.shape == (2, 5, 6, 4)
+    for h in range(6):
+        assert torch.equal(k6[:, :, h], k[:, :, h // 2]) and torch.equal(v6[:, :, h], v[:, :, h // 2])
+    assert repeat_kv(k, v, 3)[0] is k

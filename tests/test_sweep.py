@@ -37,7 +37,8 @@ def test_two_point_sweep_writes_a_two_row_summary_and_reuses_finished_points(tmp
     assert markdown.count("| learning_rate-") == 2 and "Best: **" in markdown
     final = tmp_path / "out" / "learning_rate-1e-3" / "mdm_final.pt"
     written = final.stat().st_mtime_ns
-    assert sweep(config, ["learning_rate=1e-3", "max_steps=2"], str(tmp_path / "out"))[0]["val_loss"] == rows[0]["val_loss"]
+    again = sweep(config, ["learning_rate=1e-3", "max_steps=2"], str(tmp_path / "out"))
+    assert again[0]["val_loss"] == rows[0]["val_loss"]
     assert final.stat().st_mtime_ns == written  # read back, not trained again
 
 
@@ -90,7 +91,8 @@ def test_gap_is_the_compute_factor_between_the_laws():
 
 
 def test_compare_without_results_says_what_to_run(tmp_path):
-    with pytest.raises(ConfigError, match=r"finished runs of phase7 and of another phase .*\(found: none\).*make scaling PHASE="):
+    with pytest.raises(ConfigError,
+                       match=r"finished runs of phase7 and of another phase .*\(found: none\).*make scaling PHASE="):
         scaling.main(["--compare", "--out", str(tmp_path)])
 
 

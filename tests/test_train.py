@@ -77,7 +77,8 @@ def test_non_finite_loss_skips_updates_then_stops_without_touching_checkpoints(t
                                     f"resume={final}"])
     trainer = Trainer(cfg)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.phase = dataclasses.replace(trainer.phase, loss=lambda model, batch, cfg: model(batch[:, 1:]).sum() * float("nan"))
+    trainer.phase = dataclasses.replace(trainer.phase,
+                                        loss=lambda model, batch, cfg: model(batch[:, 1:]).sum() * float("nan"))
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
         trainer.fit()
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
@@ -264,8 +265,8 @@ def test_a_resplit_after_12_sequences_draws_every_window_exactly_once(tmp_path):
     trainer.train_data.batch = lambda first, count: (drawn.extend(range(first, first + count)),
                                                       real_batch(first, count))[1]
     trainer.sequences_drawn = 12
-    trainer.train_step()
-    trainer.train_step()
+    trainer.forward_backward()
+    trainer.forward_backward()
     assert drawn == list(range(12, 28))
 
 

@@ -186,7 +186,8 @@ def test_a_tt_run_resumes_exactly(tmp_path, phase, extra):
 
     a, _ = assert_resume_is_exact(lambda run, *more: Trainer(load_config(None, TINY + [
         f"out_dir={tmp_path / run}", "max_steps=6", f"phase={phase}", *extra, *more])), tmp_path, phase)
-    assert "embed_tokens.core2" in a["model"] and ("lm_head.weight" in a["model"]) == ("tie_embeddings=true" not in extra)
+    assert "embed_tokens.core2" in a["model"]
+    assert ("lm_head.weight" in a["model"]) == ("tie_embeddings=true" not in extra)
 
 
 def test_memory_mode_updates_tied_tt_cores_once_per_step(tmp_path):

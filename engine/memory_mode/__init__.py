@@ -1,4 +1,5 @@
-"""Memory mode (memory_mode=true): what lets the 1.44B model (1.44e9 parameters) train in 8 GiB (8.59e9 bytes) of GPU memory.
+"""Memory mode (memory_mode=true): what lets the 1.44B model (1.44e9 parameters) train in 8 GiB (8.59e9 bytes) of
+GPU memory.
 
 Bytes per parameter, against 16 for bf16-autocast AdamW with fp32 weights (weights 4, grads 4, states 8):
   bf16 weight, no fp32 master copy ................................ 2  (optimizer.prepare_model_for_memory_mode)

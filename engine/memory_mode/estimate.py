@@ -1,6 +1,9 @@
-"""What memory mode needs on the GPU, item by item, before a run tries it."""
+"""What memory mode needs on the GPU, item by item, before a run tries it: make check-env reports it for the
+1.44B recipe, make bench-phase7-1.5b MEM_GB=... beside the peak it measures."""
 
 import math
+
+import torch
 
 from engine.memory_mode.codec import BLOCK
 from kernels.cross_entropy import default_chunk_tokens
@@ -40,3 +43,12 @@ def estimate_memory_mode_bytes(n_params: int, largest_param: int, d_model: int, 
     items["total"] = sum(items.values())
     items["left"] = budget - items["total"]
     return items
+
+
+def estimate_for_model(model: torch.nn.Module, cfg, budget: int = 8 * 2**30) -> dict:
+    """estimate_memory_mode_bytes of a phase 7 shaped model (on any device, meta included) with its config's
+    dims and batch: what make check-env reports for the 1.44B recipe and bench-phase7-1.5b --mem-gb puts beside
+    the measured peak."""
+    sizes = [p.numel() for p in model.parameters()]
+    return estimate_memory_mode_bytes(sum(sizes), max(sizes), cfg.d_model, cfg.n_layers, cfg.ffn_dim, cfg.vocab_size,
+                                      cfg.n_seq, cfg.batch_size, cfg.gradient_accumulation_steps, budget)

@@ -49,8 +49,8 @@ class InBackwardOptimizer:
     freed, so the model's gradients never all exist at once.
 
     Gradient accumulation over k micro-steps: the hook counts each parameter's gradients in the step; the
-    first k-1 it only adds up, the k-th it steps. Adding up in .grad would keep every parameter's gradient alive between micro-steps
-    (2 bytes per parameter in bf16: 2.9e9 bytes, more than the 8 GiB budget has left), so with 8-bit
+    first k-1 it only adds up, the k-th it steps. Adding up in .grad would keep every parameter's gradient alive
+    between micro-steps (2 bytes per parameter in bf16: 2.9e9 bytes, more than the 8 GiB budget has left), so with 8-bit
     states the hook moves it into an 8-bit block-quantized accumulator (1 byte per parameter), rounded
     stochastically so the sum is unbiased; each micro-step adds noise of under one code step (1/16 to 1/8
     of the value), which should be small next to how much micro-batch gradients differ from one another.

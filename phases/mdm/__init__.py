@@ -14,6 +14,7 @@ masking probabilities"), which is the same as giving it a logit of -inf.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.config import ConfigError
 from kernels.cross_entropy import linear_cross_entropy
@@ -58,25 +59,32 @@ def corrupt(tokens: torch.Tensor, t: torch.Tensor, mask_id: int, generator=None)
     return torch.where(masked, mask_id, tokens), masked
 
 
-def diffusion_bound(model: Transformer, tokens: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+def diffusion_bound(model: Transformer, tokens: torch.Tensor, t: torch.Tensor, generator=None,
+                    fused: bool = True) -> torch.Tensor:
     """The bound for clean tokens (B, S) at per-row noise levels t (B,).
 
     Visible positions get target IGNORE instead of being indexed out, so shapes stay static and the
-    step needs no host sync. The fused lm_head + cross-entropy never holds the (tokens x vocab) logits;
-    its softmax runs in fp32.
+    step needs no host sync. The fused lm_head + cross-entropy (config fused_cross_entropy) never holds the
+    (tokens x vocab) logits; its softmax runs in fp32. Without it, the plain way, as phase 7's.
     """
     noisy, masked = corrupt(tokens, t, mask_id(model), generator)
     hidden = model.hidden_states(noisy).flatten(0, 1)
     targets = torch.where(masked, tokens, IGNORE).flatten()
     weights = (1 / t)[:, None].expand_as(tokens).flatten()
-    nll = linear_cross_entropy(hidden, token_weight(model), targets, weights, ignore_index=IGNORE, reduction="sum")
+    if fused:
+        nll = linear_cross_entropy(hidden, token_weight(model), targets, weights, ignore_index=IGNORE,
+                                   reduction="sum")
+    else:
+        logits = F.linear(hidden, token_weight(model)).float()
+        nll = (F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none") * weights).sum()
     return nll / tokens.numel()
 
 
 def diffusion_loss(model: Transformer, batch: torch.Tensor, cfg: MDMConfig) -> torch.Tensor:
     """Training loss on the first n_seq tokens of each window; noise from torch's global RNG (resumable)."""
     tokens = batch[:, :-1]
-    return diffusion_bound(model, tokens, noise_levels(tokens.shape[0], cfg.mdm_eps, tokens.device))
+    t = noise_levels(tokens.shape[0], cfg.mdm_eps, tokens.device)
+    return diffusion_bound(model, tokens, t, fused=cfg.fused_cross_entropy)
 
 
 def eval_diffusion_loss(model: Transformer, batch: torch.Tensor, cfg: MDMConfig) -> torch.Tensor:
@@ -88,7 +96,7 @@ def eval_diffusion_loss(model: Transformer, batch: torch.Tensor, cfg: MDMConfig)
     total = torch.zeros((), device=tokens.device)
     for k in range(EVAL_LEVELS):
         t = torch.full((tokens.shape[0],), eps + (1 - eps) * (k + 0.5) / EVAL_LEVELS, device=tokens.device)
-        total += diffusion_bound(model, tokens, t, generator)
+        total += diffusion_bound(model, tokens, t, generator, fused=cfg.fused_cross_entropy)
     return total / EVAL_LEVELS
 
 

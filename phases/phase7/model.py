@@ -91,6 +91,15 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+def repeat_kv(k, v, n_heads: int):
+    """Grouped-query k, v (B, S, kv_heads, D) with each head repeated for its group of n_heads // kv_heads query
+    heads, for attention code that needs one k, v head per query head (the Triton kernel reads groups directly)."""
+    if k.shape[2] == n_heads:
+        return k, v
+    group = n_heads // k.shape[2]
+    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
 def attention(q, k, v, causal: bool, backend: str, mask=None):
     """q, k, v: (B, S, H, D) -> (B, S, H, D). `mask` (bool, True = attend) overrides `causal`.
 
@@ -103,9 +112,7 @@ def attention(q, k, v, causal: bool, backend: str, mask=None):
     if mask is None and backend == "flash_attn":
         from flash_attn import flash_attn_func
         return flash_attn_func(q, k, v, causal=causal)
-    if k.shape[2] != q.shape[2]:
-        repeat = q.shape[2] // k.shape[2]
-        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    k, v = repeat_kv(k, v, q.shape[2])
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if backend == "eager":
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])

@@ -20,7 +20,7 @@ from torch import nn
 from kernels.linear_attention_torch import CHUNK, linear_attention_chunked_torch, linear_attention_step
 from kernels.support import interpreter_requested
 from phases.phase7.model import Attention, ModelArgs, RMSNorm, Transformer, attention, \
-    fused_linear, rope_tables
+    fused_linear, repeat_kv, rope_tables
 
 # Mamba-2's initial ranges: the decay rate A per head, and the step dt, log-uniform (see reset_decay).
 A_RANGE = (1.0, 16.0)
@@ -241,9 +241,7 @@ class SlidingWindowAttention(Attention):
         past = 0
         if cache is not None:
             k, v, past = cache.update(k, v)
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+        k, v = repeat_kv(k, v, self.n_heads)
         if past == 0 and S <= self.window:
             out = attention(q, k, v, True, self.backend)  # no key is out of reach: plain causal (Triton on CUDA)
         elif past == 0:
