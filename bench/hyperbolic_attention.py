@@ -54,7 +54,7 @@ def time_variants(args) -> dict[str, float]:
         for key, trainer in trainers.items():
             start = time.perf_counter()
             for _ in range(args.steps_per_round):
-                trainer.train_step()
+                trainer.forward_backward()
                 trainer.optimizer.apply()
             best[key] = min(best[key], (time.perf_counter() - start) / args.steps_per_round)
     return best

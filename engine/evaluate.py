@@ -30,7 +30,8 @@ def require_lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise ConfigError("`make eval` needs lm-evaluation-harness: pip install lm-eval (see requirements.txt)") from None
+        raise ConfigError("`make eval` needs lm-evaluation-harness: pip install lm-eval (see requirements.txt)") \
+            from None
     return lm_eval
 
 
@@ -153,7 +154,8 @@ def evaluate_checkpoint(checkpoint: Path, names: list[str], manager, limit=None,
     results = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
                                       log_samples=log_samples)
     record = {"checkpoint": str(checkpoint), "phase": model.phase.name, "tasks": names, "limit": limit,
-              "args": options or {}, "options": vars(model.options), "lm_eval": lm_eval.__version__, "results": results["results"],
+              "args": options or {}, "options": vars(model.options), "lm_eval": lm_eval.__version__,
+              "results": results["results"],
               "n-samples": results.get("n-samples", {})}
     ckpt.atomic_write_bytes(result_path(checkpoint, names),
                             lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))

@@ -135,7 +135,8 @@ def report_phase(out: Path, phase: str, rows: list[dict], benchmarks: list[str] 
     best = frontier(rows)
     fit = fit_power_law(best)
     text = (f"# Scaling of {phase}: final val loss (nats/token) against training compute C = 6 N D\n\n"
-            f"{markdown_table(rows, COLUMNS + list(benchmarks))}\n## Compute-optimal frontier (lowest loss per budget)\n\n"
+            f"{markdown_table(rows, COLUMNS + list(benchmarks))}\n"
+            "## Compute-optimal frontier (lowest loss per budget)\n\n"
             f"{markdown_table(best, ['budget', 'size', 'params', 'val_loss'])}\nFit on the frontier: {fit_text(fit)}\n")
     (out / f"{phase}_scaling.md").write_text(text)
     plt = pyplot()
@@ -244,7 +245,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="checkpoints/scaling", help="output folder (default checkpoints/scaling)")
     parser.add_argument("--compare", action="store_true", help="each phase with results in OUT against --reference")
     parser.add_argument("--reference", default=REFERENCE, help=f"the phase compared against (default {REFERENCE})")
-    parser.add_argument("--eval-tasks", help="lm-eval tasks scored on every run (make eval's TASKS), e.g. piqa,arc_easy")
+    parser.add_argument("--eval-tasks",
+                        help="lm-eval tasks scored on every run (make eval's TASKS), e.g. piqa,arc_easy")
     parser.add_argument("--eval-args", default="", help="make eval's ARGS for those, e.g. 'batch_size=32 mc_num=128'")
     parser.add_argument("overrides", nargs="*", help="key=value for every run, e.g. data=dummy n_seq=128")
     args = parser.parse_intermixed_args(argv)

@@ -32,7 +32,8 @@ MODEL = ["vocab_size=300", "n_seq=32", "d_model=64", "n_heads=4", "n_layers=2", 
 def write_task(folder: Path, name: str, output_type: str, docs: list[dict], fields: str) -> Path:
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
     path = folder / f"{name}.yaml"
-    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.jsonl\n"
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n"
+                    f"  data_files:\n    test: {folder / name}.jsonl\n"
                     f"test_split: test\noutput_type: {output_type}\n{fields}")
     return path
 
@@ -62,12 +63,15 @@ def work(tmp_path_factory):
         "next_word": write_task(tmp, "next_word", "multiple_choice", choice_docs,
                                 "doc_to_text: context\ndoc_to_target: answer\ndoc_to_choice: choices\n"
                                 "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"),
-        "sentence_ppl": write_task(tmp, "sentence_ppl", "loglikelihood_rolling", [{"text": SENTENCE * k} for k in (1, 3, 6)],
-                                   "doc_to_text: ''\ndoc_to_target: text\nmetric_list:\n  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"),
+        "sentence_ppl": write_task(tmp, "sentence_ppl", "loglikelihood_rolling",
+                                   [{"text": SENTENCE * k} for k in (1, 3, 6)],
+                                   "doc_to_text: ''\ndoc_to_target: text\nmetric_list:\n  - metric: word_perplexity\n"
+                                   "    aggregation: weighted_perplexity\n    higher_is_better: false\n"),
         "complete": write_task(tmp, "complete", "generate_until", [{"context": "to be or not", "target": " to be,"}],
                                "doc_to_text: context\ndoc_to_target: target\ntarget_delimiter: ''\n"
                                "generation_kwargs:\n  until: [' that']\n  max_gen_toks: 6\n"
-                               "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"),
+                               "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                               "    higher_is_better: true\n"),
     }
     return tmp, tasks
 
@@ -156,7 +160,8 @@ def test_bad_input_is_one_clear_line(work, tmp_path):
     result = subprocess.run([sys.executable, "-m", "engine.evaluate", str(tmp / "runs" / "phase7"), "arc_easy"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: task(s) arc_easy need their datasets"), result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: task(s) arc_easy need their datasets"), result.stderr
 
 
 def test_scaling_table_and_plot_carry_benchmark_scores(work):
