@@ -99,4 +99,4 @@ def test_gpu_check_script_parses_and_refuses_an_unknown_step(tmp_path):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     result = subprocess.run([script, "bogus"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "OUT": str(tmp_path)})
-    assert result.returncode == 2 and "unknown step 'bogus'" in result.stdout
+    assert result.returncode == 2 and "unknown step 'bogus'" in result.stderr

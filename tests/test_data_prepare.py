@@ -88,12 +88,13 @@ def test_tree_becomes_the_exact_token_stream(tree, tokenizer_path, tmp_path):
     assert sorted(split["inputs"]) == ["chunk1/example_train_0.jsonl.zst", "chunk1/example_train_1.jsonl.zst",
                                        "chunk2/example_train_0.jsonl.zst"]
     assert meta["dtype"] == "uint16" and (dest / "train_src_chunk1_example_train_0_jsonl_zst_0000000000.bin").exists()
-    assert open_data(str(dest), "train", 16, 0, 120).num_tokens == split["tokens"]
+    assert open_data(str(dest), "train", 16, 0, meta["vocab_size"]).num_tokens == split["tokens"]
 
     run_prepare(source, tokenizer_path, dest, "--split", "validation", "--workers", "1")
     val_texts = [r["text"] for r in docs["validation/chunk1/example_val_0"]]
     assert read_split(dest, "val") == expected_tokens(tokenizer_path, val_texts)
-    assert open_data(str(dest), "val", 16, 0, 120).num_tokens == read_meta(dest)["splits"]["validation"]["tokens"]
+    meta = read_meta(dest)
+    assert open_data(str(dest), "val", 16, 0, meta["vocab_size"]).num_tokens == meta["splits"]["validation"]["tokens"]
 
 
 def test_rerun_skips_finished_inputs_and_redoes_interrupted_ones(tree, tokenizer_path, tmp_path, capsys):
