@@ -35,6 +35,12 @@ def init_parameter(param: torch.Tensor, name: str, seed: int,
     shape; `param` gets them, or, sharded, its rank's slice of them."""
     whole = torch.empty(param.shape, dtype=param.dtype)
     fill(whole, torch.Generator().manual_seed(parameter_seed(seed, name)))
+    copy_whole(param, whole)
+
+
+@torch.no_grad()
+def copy_whole(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """param = whole, or, when FSDP sharded param (a DTensor), this rank's slice of whole."""
     if isinstance(param, DTensor):
         # src_data_rank=None: every rank cuts its own slice out of its own whole copy, no communication
         whole = distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)

@@ -172,10 +172,12 @@ def test_what_fsdp_cannot_do_is_an_error_before_anything_is_built():
 
 # One model of each kind: phase 7 dense (its own FSDP units for embedding and head), phase 8 hybrid with the
 # convolution and activation checkpointing (wrapped blocks: wrapper names in parameter names), mdm, a tied
-# tensor-train embedding (embedding and head in the root), the toy phase outside phases/
+# tensor-train embedding (embedding and head in the root), the toy phase outside phases/, a transformers model
+# from scratch (its own _init_weights; tied embeddings)
 INITIAL_WEIGHTS = [TINY, [*TINY, "phase=phase8", "hybrid_every=2", "short_conv=4", "use_gradient_checkpointing=true"],
                    [*TINY, "phase=mdm"], [*TINY, "embedding=tt", "tt_rank=4", "tie_embeddings=true"],
-                   ["phase=tests.toy_phase", "data=dummy", "vocab_size=64", "n_seq=16", "toy_width=24"]]
+                   ["phase=tests.toy_phase", "data=dummy", "vocab_size=64", "n_seq=16", "toy_width=24"],
+                   ["phase=hf", f"model_name={ROOT}/configs/hf_tiny_qwen3", "init=scratch", "data=dummy", "n_seq=16"]]
 
 
 def test_two_ranks_start_from_the_initial_weights_of_one_process_bit_for_bit(tmp_path):
