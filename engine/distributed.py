@@ -5,11 +5,12 @@ process, and every helper here leaves a tensor as it is.
 Under torchrun (`make train ... NPROC=8`):
 - init_world(): the process group (gloo on CPU, NCCL on CUDA), this rank's device (cuda:LOCAL_RANK), and
   stdout silenced on every rank but 0, so one process prints the log.
-- build_sharded_model(): every parameter is created on the meta device (no memory), the engine's per-block
-  wrappers are applied, each block and then the root is wrapped with FSDP2's fully_shard, and each rank
-  allocates only its shard. A fresh run's weights are the single-process ones (same seed, same values),
-  built on rank 0's CPU and streamed to the shards one tensor at a time, so no GPU ever holds the whole model
-  and 2 ranks start from the weights 1 process would; a resumed run loads its shards from the checkpoint.
+- build_sharded_model(): the model is built on the meta device (no memory), the engine's per-block wrappers
+  applied, each block, the input embedding and the final norm + head, then the root wrapped with FSDP2's
+  fully_shard, each rank allocating only its shards and initialising them with the model's own
+  init_weights: each parameter drawn whole from (seed, its name), the rank keeping its slice (engine/init.py),
+  so 2 ranks start from exactly the weights 1 process would and nothing ever holds the whole model; a resumed
+  run then loads its shards from the checkpoint.
 - World.mean(): the loss and eval loss averaged over ranks, so the non-finite-step skip, logs and best
   checkpoint are decided from the same value on every rank. The gradient norm needs nothing: FSDP's gradients
   are DTensors and clip_grad_norm_ over them is the global norm (engine/optim.py).
