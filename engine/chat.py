@@ -128,7 +128,8 @@ def main(argv: list[str]) -> None:
     else:
         for line in sys.stdin:
             if line.strip():
-                print(chat.complete(line.rstrip("\n"), settings).replace("\n", " "), flush=True)
+                # one line per completion: any line break it generated (\n, \r, ...) becomes a space
+                print(" ".join(chat.complete(line.rstrip("\n"), settings).splitlines()), flush=True)
 
 
 if __name__ == "__main__":

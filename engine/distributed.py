@@ -5,17 +5,17 @@ process, and every helper here leaves a tensor as it is.
 Under torchrun (`make train ... NPROC=8`):
 - init_world(): the process group (gloo on CPU, NCCL on CUDA), this rank's device (cuda:LOCAL_RANK), and
   stdout silenced on every rank but 0, so one process prints the log.
-- build_sharded_model(): every parameter is created on the meta device (no memory), the engine's per-block
-  wrappers are applied, each block and then the root is wrapped with FSDP2's fully_shard, and each rank
-  allocates only its shard. A fresh run's weights are the single-process ones (same seed, same values),
-  built on rank 0's CPU and streamed to the shards one tensor at a time, so no GPU ever holds the whole model
-  and 2 ranks start from the weights 1 process would; a resumed run loads its shards from the checkpoint.
+- build_sharded_model(): the model is built on the meta device (no memory), the engine's per-block wrappers
+  applied, each block, the input embedding and the final norm + head, then the root wrapped with FSDP2's
+  fully_shard, each rank allocating only its shards and initialising them with the model's own
+  init_weights: each parameter drawn whole from (seed, its name), the rank keeping its slice (engine/init.py),
+  so 2 ranks start from exactly the weights 1 process would and nothing ever holds the whole model; a resumed
+  run then loads its shards from the checkpoint.
 - World.mean(): the loss and eval loss averaged over ranks, so the non-finite-step skip, logs and best
   checkpoint are decided from the same value on every rank. The gradient norm needs nothing: FSDP's gradients
   are DTensors and clip_grad_norm_ over them is the global norm (engine/optim.py).
 """
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -91,26 +91,6 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return int(mix64(seed, 0xD157, rank, step) >> np.uint64(1))  # 63 bits: what torch.manual_seed accepts
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Build a model with every parameter on the meta device and every buffer as usual: parameters are
-    filled afterwards (from rank 0 or a checkpoint), while buffers such as RoPE tables are computed at
-    construction and not saved. Each parameter exists on the CPU only between its creation and its
-    registration, so the whole model is never allocated."""
-    register = torch.nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
 def shard(model: torch.nn.Module, cfg: Config, device: torch.device, world: World) -> None:
     """fully_shard each block, then the root (embedding, final norm, lm_head). With use_mixed_precision on CUDA
     the blocks compute in bf16 and gradients are reduced in fp32; the sharded fp32 weights are what AdamW
@@ -124,32 +104,30 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device, world: Worl
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=policy)
-    # The root's parameters stay gathered after forward (FSDP's own default for a root): objectives use
-    # lm_head.weight after hidden_states returns, and backward starts with them.
+    # The input embedding and the final norm + output head as units of their own: otherwise the root's, they
+    # would stay gathered from forward to the end of backward. The head's are still needed right after forward
+    # (objectives apply output_weight() to hidden_states, and backward starts there): no resharding in between.
+    ends = model.embedding_and_head()
+    if ends is not None:
+        embedding, head = ends
+        fully_shard(embedding, mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=policy)
+        fully_shard(head, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    # The root holds whatever is left (a tied embedding and head): gathered after forward, FSDP's default for a
+    # root.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     # Objectives call hidden_states, not forward: it must gather the root's parameters as forward would.
     register_fsdp_forward_method(model, "hidden_states")
 
 
-def build_sharded_model(phase, cfg: Config, device: torch.device, world: World, wrap_blocks, fresh: bool):
-    """The phase's model, sharded over the ranks without ever existing whole on one device. wrap_blocks(model)
-    applies the engine's per-block compile/checkpointing before sharding. fresh: give it the initial weights
-    of a single-process run (else the caller loads a checkpoint into the shards)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    with parameters_on_meta():
+def build_sharded_model(phase, cfg: Config, device: torch.device, world: World, wrap_blocks) -> torch.nn.Module:
+    """The phase's model, sharded over the ranks without ever existing whole anywhere: built on the meta device
+    (no memory), its blocks wrapped by wrap_blocks(model) (the engine's compile/checkpointing), sharded, each
+    rank allocating only its shards, then initialised by the model's own init_weights (engine/init.py): the
+    single-process initial weights for cfg.seed, or a checkpoint's loaded over them later."""
+    with torch.device("meta"):
         model = phase.build_model(cfg)
     wrap_blocks(model)
     shard(model, cfg, device, world)
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
-    for name, value in buffers.items():
-        model.get_buffer(name).copy_(value)
-    if fresh:
-        full = {}
-        if world.rank == 0:  # the single-process initialisation, in host memory, once
-            torch.manual_seed(cfg.seed)
-            full = phase.build_model(cfg).state_dict()
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        del full
+    model.init_weights(cfg.seed)
     return model

@@ -31,6 +31,7 @@ from engine.cli import run_cli
 from engine.config import Config, dump_config
 from engine.distributed import build_sharded_model, check_supported, init_world, rank_seed, shutdown
 from engine.errors import UserError
+from engine.init import build_initialised
 from engine.optim import build_optimizer, prepare_parameters
 from engine.plot import save_loss_plot
 from phases import get_phase, load_config
@@ -170,7 +171,7 @@ class Trainer:
         if self.train_data.vocab_size > cfg.vocab_size:
             raise TrainingError(f"the data's tokenizer has {self.train_data.vocab_size} ids but vocab_size="
                                 f"{cfg.vocab_size}: set vocab_size={self.train_data.vocab_size} or larger")
-        self.model = self.build_model(fresh=resume_state is None)
+        self.model = self.build_model()
         self.tokens_per_step = cfg.tokens_per_step(self.world.size)
         if cfg.flops_budget > 0:
             cfg.max_steps = steps_for_budget(cfg, self.model.num_params(), self.world.size)
@@ -192,13 +193,15 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.n_seq)
         self.peak_flops = peak_flops(self.device)
 
-    def build_model(self, fresh: bool) -> torch.nn.Module:
-        """The phase's model on this process's device; under torchrun sharded over the ranks, its blocks
-        wrapped first, with the single-process initial weights when `fresh` (else a checkpoint's, later)."""
+    def build_model(self) -> torch.nn.Module:
+        """The phase's model on this process's device with its initial weights for cfg.seed (a checkpoint's
+        are loaded over them later); under torchrun sharded over the ranks, its blocks wrapped first. Built
+        on the meta device and initialised by its own init_weights in both cases, so N ranks start from the
+        weights 1 process would."""
         if self.world.active:
             return build_sharded_model(self.phase, self.cfg, self.device, self.world,
-                                       lambda model: apply_to_blocks(model, self.cfg, self.device), fresh)
-        model = self.phase.build_model(self.cfg)
+                                       lambda model: apply_to_blocks(model, self.cfg, self.device))
+        model = build_initialised(self.phase, self.cfg)
         prepare_parameters(model, self.cfg)
         return model.to(self.device)
 

@@ -45,6 +45,15 @@ class LanguageModel(Protocol):
     def describe(self) -> str:
         """The kernels/backends in use, for the run header, e.g. 'attention triton | rms_norm torch'."""
 
+    def init_weights(self, seed: int) -> None:
+        """Compute the buffers (RoPE tables) and give every parameter its initial values, each drawn whole from
+        a generator seeded by (seed, its name) through engine.init.init_parameter: the engine builds the model
+        on the meta device and calls this after sharding, so every rank fills its own shards and N ranks start
+        from 1 process's weights."""
+
+    def embedding_and_head(self) -> tuple[nn.Module, list[nn.Module]] | None:
+        """(input embedding, [final norm, output head]), FSDP units of their own; None when they share a weight."""
+
 
 @dataclass(frozen=True)
 class Phase:

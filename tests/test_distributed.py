@@ -171,18 +171,42 @@ def test_what_fsdp_cannot_do_is_an_error_before_anything_is_built():
     check_supported(load_config(None, TINY + ["micro_batch_size=1"]))
 
 
-def test_a_sharded_model_is_built_with_no_weights_and_its_buffers():
-    """The first step of build_sharded_model: parameters on the meta device, RoPE tables computed as usual."""
-    from engine.distributed import parameters_on_meta
-    from phases import get_phase
+# One model of each kind: phase 7 dense (its own FSDP units for embedding and head), phase 8 hybrid with the
+# convolution and activation checkpointing (wrapped blocks: wrapper names in parameter names), mdm, a tied
+# tensor-train embedding (embedding and head in the root), the toy phase outside phases/, a transformers model
+# from scratch (its own _init_weights; tied embeddings)
+INITIAL_WEIGHTS = [TINY, [*TINY, "phase=phase8", "hybrid_every=2", "short_conv=4", "use_gradient_checkpointing=true"],
+                   [*TINY, "phase=mdm"], [*TINY, "embedding=tt", "tt_rank=4", "tie_embeddings=true"],
+                   ["phase=tests.toy_phase", "data=dummy", "vocab_size=64", "n_seq=16", "toy_width=24"],
+                   ["phase=hf", f"model_name={ROOT}/configs/hf_tiny_qwen3", "init=scratch", "data=dummy", "n_seq=16"]]
 
-    cfg = load_config(None, TINY)
-    with parameters_on_meta():
-        empty = get_phase("phase7").build_model(cfg)
-    built = get_phase("phase7").build_model(cfg)
-    assert all(p.is_meta for p in empty.parameters()) and len(list(empty.buffers())) == 2
-    assert all(torch.equal(a, b) for a, b in zip(empty.buffers(), built.buffers(), strict=True))
-    assert not torch.nn.Linear(2, 2).weight.is_meta  # only inside the block
+
+def test_two_ranks_start_from_the_initial_weights_of_one_process_bit_for_bit(tmp_path):
+    """Each rank initialises only its shards (from the meta device, engine/init.py); gathered whole, they are
+    exactly one process's weights, and the RoPE tables are computed, not left as to_empty's memory."""
+    from engine.init import WRAPPER_PREFIXES, build_initialised
+    from phases import get_phase
+    from phases.phase7.model import rope_tables
+
+    out = tmp_path / "initial.pt"
+    result = torchrun(2, str(out), json.dumps(INITIAL_WEIGHTS), module="tests.initial_weights")
+    assert result.returncode == 0, result.stderr[-3000:]
+    gathered = torch.load(out, weights_only=True)
+    cos, sin = rope_tables(16, 16, 10000.0)  # TINY: head_dim 32 / 2 heads, n_seq 16
+    assert torch.equal(gathered[0]["buffers"]["rope_cos"], cos) and torch.equal(gathered[0]["buffers"]["rope_sin"], sin)
+    for args, sharded in zip(INITIAL_WEIGHTS, gathered, strict=True):
+        cfg = load_config(None, args)
+        one = build_initialised(get_phase(cfg.phase), cfg)
+        expected = one.state_dict()
+        assert sharded["params"].keys() == expected.keys(), args
+        assert all(torch.equal(sharded["params"][k], v) for k, v in expected.items()), args
+        buffers = {}
+        for name, value in sharded["buffers"].items():
+            for prefix in WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            buffers[name] = value
+        assert buffers.keys() == dict(one.named_buffers()).keys()
+        assert all(torch.equal(buffers[k], v) for k, v in one.named_buffers()), args
 
 
 def test_each_rank_has_its_own_reproducible_seed():

@@ -99,13 +99,17 @@ def computes_llama_rms_norm(module: nn.Module) -> bool:
     """Whether this module's class computes llama_rms_norm, output dtype included: probed on a copy with a random
     weight, in fp32 and bf16, from a private generator (the run's RNG stream is left as it was)."""
     weight, eps = getattr(module, "weight", None), rms_norm_eps(module)
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 1 or eps is None or weight.device.type == "meta":
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 1 or eps is None:
         return False
-    probe = copy.deepcopy(module).float().cpu()
+    with torch.device("cpu"):  # also for a module on the meta device (a model built to be sharded)
+        return probe_is_llama_rms_norm(copy.deepcopy(module).to_empty(device="cpu").float(), eps)
+
+
+def probe_is_llama_rms_norm(probe: nn.Module, eps: float) -> bool:
     generator = torch.Generator().manual_seed(0)
-    probe.weight.copy_(torch.randn(weight.shape, generator=generator))
+    probe.weight.copy_(torch.randn(probe.weight.shape, generator=generator))
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(4, weight.shape[0], generator=generator).to(dtype)
+        x = torch.randn(4, probe.weight.shape[0], generator=generator).to(dtype)
         try:
             out, expected = probe(x), llama_rms_norm(x, probe.weight, eps)
         except Exception:  # a norm with another call signature (e.g. a residual argument) is not this one

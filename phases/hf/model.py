@@ -8,9 +8,12 @@ checkpointing, FSDP) replaces entries inside the transformers model, which then 
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from engine.config import ConfigError
+from engine.init import copy_whole, parameter_seed
 from phases.hf.config import (HFConfig, attention_backend, from_folder_or_hub, head_dim, load_hf_config, norm_backend,
                               quiet_transformers, text_config)
 from phases.phase7.model import dense_flops_per_token
@@ -23,7 +26,8 @@ def load_transformers_model(cfg: HFConfig, attn_implementation: str, init: str |
     config = load_hf_config(cfg.model_name)
     if not MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_attention_backend:
         attn_implementation = "sdpa"  # modeling code that does not dispatch through AttentionInterface
-    if (init or cfg.init) == "scratch":
+    # On the meta device only the architecture: HFCausalLM.init_weights gives the weights, pretrained too
+    if (init or cfg.init) == "scratch" or building_on_meta():
         text_config(config).vocab_size = cfg.vocab_size or text_config(config).vocab_size
         with quiet_transformers():
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
@@ -43,6 +47,10 @@ def load_transformers_model(cfg: HFConfig, attn_implementation: str, init: str |
                           ) from None
 
 
+def building_on_meta() -> bool:
+    return torch.get_default_device().type == "meta"
+
+
 def decoder_layers(model, name: str) -> nn.ModuleList:
     """The base model's ModuleList with one entry per hidden layer (layers in Llama/Qwen, h in GPT-2)."""
     n_layers = text_config(model.config).num_hidden_layers
@@ -57,14 +65,14 @@ def decoder_layers(model, name: str) -> nn.ModuleList:
 def logits_are_head_of_hidden(model) -> bool:
     """Whether the model's logits are lm_head(final hidden states) with nothing after (no softcapping or logit
     scale, no bias): then the loss may apply lm_head itself, fused with the cross-entropy. Probed on 4 tokens."""
-    head = model.get_output_embeddings()
+    head = model.lm_head
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return False
     was_training = model.training
     model.eval()
-    ids = torch.arange(4, device=head.weight.device)[None] % head.out_features
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-    same = torch.allclose(model(input_ids=ids, use_cache=False).logits, head(hidden), rtol=1e-4, atol=1e-5)
+    ids = torch.arange(4, device=model.embedding.weight.device)[None] % head.out_features
+    logits = model(ids)  # through the wrapper: under FSDP its hooks gather what each call needs
+    same = torch.allclose(logits, F.linear(model.hidden_states(ids), model.output_weight()), rtol=1e-4, atol=1e-5)
     model.train(was_training)
     return same
 
@@ -81,8 +89,53 @@ class HFCausalLM(nn.Module):
         self.__dict__["layers"] = decoder_layers(model, cfg.model_name)
         self.__dict__["lm_head"] = model.get_output_embeddings()
         self.__dict__["embedding"] = model.get_input_embeddings()
+        self.__dict__["cfg"] = cfg
         self.source, self.init = cfg.model_name, cfg.init
         self.attention, self.rms_norm, self.fused_loss = attention, rms_norm, fused_loss
+
+    @torch.no_grad()
+    def init_weights(self, seed: int):
+        """transformers' own _init_weights, module by module: a module's parameters drawn whole on the CPU from
+        torch's RNG seeded by (seed, the module's name), this rank keeping its shards (engine/init.py), so the
+        weights do not depend on the sharding; rotary tables computed there too. A pretrained model's weights
+        then replace them: read by rank 0 alone and sent to each rank's shards (a file's, not an
+        initialisation's; every rank reading whole files would cost each the whole model in memory). Then
+        whether the loss may apply lm_head itself (logits_are_head_of_hidden), which needs weights."""
+        if not isinstance(self.lm_head.weight, DTensor):
+            self.hf.tie_weights()  # to_empty gave each module its own tensor (FSDP keeps a tied pair one)
+        with torch.random.fork_rng(devices=[]):
+            for name, module in self.hf.named_modules():
+                own = dict(module.named_parameters(recurse=False))
+                whole = {key: nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for key, p in own.items()}
+                module._parameters.update(whole)
+                torch.manual_seed(parameter_seed(seed, name))
+                self.hf._init_weights(module)
+                module._parameters.update(own)
+                for key, p in own.items():
+                    copy_whole(p, whole[key].data)
+        if self.init != "scratch":
+            self.load_pretrained()
+        if self.fused_loss and not logits_are_head_of_hidden(self):
+            self.fused_loss = False
+            print(f"fused_cross_entropy: {self.source}'s logits are more than lm_head(hidden states) (a bias, a "
+                  "scale or softcapping), so the loss uses the model's full logits")
+
+    def load_pretrained(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        sharded = isinstance(self.lm_head.weight, DTensor)
+        if not sharded or torch.distributed.get_rank() == 0:
+            whole = load_transformers_model(self.cfg, self.hf.config._attn_implementation).state_dict()
+        else:
+            whole = {}
+        set_model_state_dict(self, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded))
+
+    def embedding_and_head(self) -> tuple[nn.Module, list[nn.Module]] | None:
+        """(input embedding, [final norm, lm_head]), which FSDP shards as units of their own; None when tied."""
+        if self.lm_head.weight is self.embedding.weight:
+            return None
+        norm = getattr(self.hf.base_model, "norm", None)
+        return self.embedding, [norm, self.lm_head] if isinstance(norm, nn.Module) else [self.lm_head]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -132,12 +185,13 @@ def build(cfg: HFConfig) -> HFCausalLM:
     model = load_transformers_model(cfg, implementation)
     if model.config._attn_implementation != implementation:
         attention = model.config._attn_implementation  # the modeling code cannot take ours
-    fused_loss = cfg.fused_cross_entropy and logits_are_head_of_hidden(model)
-    if cfg.fused_cross_entropy and not fused_loss:
-        print(f"fused_cross_entropy: {cfg.model_name}'s logits are more than lm_head(hidden states) (a bias, a scale "
-              "or softcapping), so the loss uses the model's full logits")
     rms_norm = norm_backend(cfg, config.hidden_size)
     if rms_norm == "triton" and not replace_rms_norms(model):
         rms_norm = "torch (no Llama-style RMSNorm modules)"
-    return HFCausalLM(model, cfg, attention, rms_norm, fused_loss)
+    wrapped = HFCausalLM(model, cfg, attention, rms_norm, cfg.fused_cross_entropy)
+    if cfg.fused_cross_entropy and not building_on_meta() and not logits_are_head_of_hidden(wrapped):
+        wrapped.fused_loss = False  # on the meta device, decided by init_weights
+        print(f"fused_cross_entropy: {cfg.model_name}'s logits are more than lm_head(hidden states) (a bias, a scale "
+              "or softcapping), so the loss uses the model's full logits")
+    return wrapped
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.init import init_parameter
 from kernels.hyperbolic import expmap0, hyperbolic_attention_reference
 from phases.phase7.tt_embedding import TTEmbedding
 
@@ -276,29 +277,44 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.d_model, args.norm_eps, args.rms_norm == "triton")
         # Tied: the head is the embedding's table (output_weight), so no module and no state_dict key of its own.
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.d_model, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        # RoPE tables, computed by init_weights
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+        if not self.norm.weight.is_meta:  # on the meta device the engine calls init_weights once sharded
+            self.init_weights(seed=int(torch.randint(2**62, (), device="cpu")))  # seeded by the torch RNG
 
-    def reset_parameters(self):
-        """GPT-2 init: N(0, 0.02), residual projections scaled down by depth; TT cores so that the table they
-        stand for has the same std (TTEmbedding.reset_parameters)."""
-        std = self.args.init_std
-        tt = isinstance(self.embed_tokens, TTEmbedding)
+    def init_weights(self, seed: int):
+        """The RoPE tables, and every parameter from a generator seeded by (seed, its name), whole or as this
+        rank's shard, so the weights do not depend on the sharding (engine/init.py)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for module in self.modules():  # hyperbolic attention's scheduled curvature, until the engine sets it
+            if getattr(module, "curvature_scale", None) is not None:
+                module.curvature_scale.fill_(self.args.curvature)
         for name, p in self.named_parameters():
-            if tt and name.startswith("embed_tokens."):
-                continue
-            if name.endswith((".log_beta", ".log_curvature")):  # hyperbolic attention's beta and factor start at 1
-                nn.init.zeros_(p)
-            elif p.ndim == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
-        if tt:
-            self.embed_tokens.reset_parameters(std)
+            init_parameter(p, name, seed, lambda tensor, generator: self.initial_values(name, tensor, generator))
+
+    def initial_values(self, name: str, tensor: torch.Tensor, generator: torch.Generator):
+        """GPT-2 init of parameter `name`: N(0, 0.02), residual projections scaled down by depth, vectors
+        (norms) ones, hyperbolic attention's log-scales zeros; TT cores so that the table they stand for has the
+        same std (TTEmbedding.core_std)."""
+        std = self.args.init_std
+        if isinstance(self.embed_tokens, TTEmbedding) and name.startswith("embed_tokens."):
+            tensor.normal_(0, self.embed_tokens.core_std(std), generator=generator)
+        elif name.endswith((".log_beta", ".log_curvature")):  # hyperbolic attention's beta and factor start at 1
+            tensor.zero_()
+        elif tensor.ndim == 1:
+            tensor.fill_(1)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.normal_(0, std / math.sqrt(2 * self.args.n_layers), generator=generator)
+        else:
+            tensor.normal_(0, std, generator=generator)
+
+    def embedding_and_head(self) -> tuple[nn.Module, list[nn.Module]] | None:
+        """(input embedding, [final norm, output head]), which FSDP shards as units of their own; None when
+        the head is the embedding's table."""
+        return None if self.lm_head is None else (self.embed_tokens, [self.norm, self.lm_head])
 
     def hidden_states(self, idx, cache: list | None = None, start: int = 0):
         """Final-normed hidden states (B, S, d); the objective applies output_weight() (possibly fused).

@@ -110,9 +110,11 @@ class TTEmbedding(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         """Each core N(0, s^2) with s = (std / R)^(1/3): an entry of the table is a sum of R^2 uncorrelated
         products of three such values, so its variance is R^2 s^6 = std^2, a dense N(0, std^2) table's."""
-        s = (std / self.rank) ** (1 / 3)
         for core in (self.core1, self.core2, self.core3):
-            nn.init.normal_(core, std=s)
+            nn.init.normal_(core, std=self.core_std(std))
+
+    def core_std(self, std: float) -> float:
+        return (std / self.rank) ** (1 / 3)
 
     def digits(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _, v2, v3 = self.vocab_factors

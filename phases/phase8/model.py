@@ -82,6 +82,24 @@ def linear_attention(q, k, v, g, backend: str, interpreted: bool = False, **kwar
     return linear_attention_chunked_torch(q, k, v, g, **kwargs)
 
 
+@torch.no_grad()
+def decay_or_conv_values(name: str, tensor: torch.Tensor, generator: torch.Generator | None) -> bool:
+    """Fill a GatedLinearAttention parameter `name` (its name in the mixer) that is neither a projection nor a
+    norm: Mamba-2's initial decay (see the class docstring), PyTorch's default convolution init. False, the
+    tensor untouched, for any other."""
+    if name == "A_log":
+        tensor.copy_(torch.empty(tensor.shape).uniform_(*A_RANGE, generator=generator).log())
+    elif name == "dt_bias":
+        dt = torch.exp(torch.empty(tensor.shape).uniform_(math.log(DT_RANGE[0]), math.log(DT_RANGE[1]),
+                                                          generator=generator))
+        tensor.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+    elif name == "conv.weight":
+        nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)  # nn.Conv1d's own init
+    else:
+        return False
+    return True
+
+
 class GatedLinearAttention(nn.Module):
     """Linear attention with a per-head, data-dependent decay, an output norm and gate.
 
@@ -121,18 +139,9 @@ class GatedLinearAttention(nn.Module):
             self.conv = nn.Conv1d(3 * width, 3 * width, self.conv_width, groups=3 * width, bias=False)
         self.o_norm = RMSNorm(self.head_dim, args.norm_eps)
         self.o_proj = nn.Linear(width, args.d_model, bias=False)
-        self.reset_decay_and_conv()
-
-    def reset_decay_and_conv(self):
-        """Mamba-2's initial decay (see the class docstring) and PyTorch's default convolution init; called again
-        after the Transformer's generic init, which sets every vector to ones and every matrix to N(0, 0.02)."""
-        A = torch.empty(self.n_heads).uniform_(*A_RANGE)
-        dt = torch.exp(torch.empty(self.n_heads).uniform_(math.log(DT_RANGE[0]), math.log(DT_RANGE[1])))
-        with torch.no_grad():
-            self.A_log.copy_(A.log())
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-            if self.conv_width:
-                self.conv.reset_parameters()
+        if not self.A_log.is_meta:  # built alone (in a model, LinearTransformer.initial_values draws them)
+            for name, p in self.named_parameters():
+                decay_or_conv_values(name, p, generator=None)
 
     def log_decay(self, a):
         """g = -A softplus(a + dt_bias) in float32: (batch, seq, heads), <= 0."""
@@ -268,11 +277,12 @@ class LinearTransformer(Transformer):
     def __init__(self, args: Phase8Args):
         super().__init__(args, mixer=mixer_for)
 
-    def reset_parameters(self):
-        super().reset_parameters()
-        for layer in self.layers:
-            if isinstance(layer.self_attn, GatedLinearAttention):
-                layer.self_attn.reset_decay_and_conv()
+    def initial_values(self, name: str, tensor: torch.Tensor, generator: torch.Generator):
+        """Phase 7's init, except the decay and convolution of the linear-attention mixers."""
+        mixer, _, own = name.rpartition("self_attn.")
+        if not (mixer and isinstance(self.get_submodule(mixer + "self_attn"), GatedLinearAttention)
+                and decay_or_conv_values(own, tensor, generator)):
+            super().initial_values(name, tensor, generator)
 
     @property
     def constant_memory(self) -> bool:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Config, ConfigError
+from engine.init import init_parameter
 from engine.sampling import sample
 from phases import Phase
 
@@ -40,6 +41,15 @@ class Bigram(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.toy_width)
         self.layers = nn.ModuleList(ResidualMLP(cfg.toy_width) for _ in range(cfg.toy_layers))
         self.lm_head = nn.Linear(cfg.toy_width, cfg.vocab_size, bias=False)
+
+    def init_weights(self, seed: int):
+        """N(0, 0.02) matrices and zero biases, each parameter from its own generator, whole or sharded."""
+        for name, p in self.named_parameters():
+            init_parameter(p, name, seed, lambda tensor, generator: tensor.normal_(0, 0.02, generator=generator)
+                           if tensor.ndim > 1 else tensor.zero_())
+
+    def embedding_and_head(self):
+        return self.embed, [self.lm_head]
 
     def hidden_states(self, idx, cache=None, start=0):
         x = self.embed(idx)
