@@ -218,6 +218,20 @@ def test_mdm_runs_hyperbolic_blocks_bidirectionally():
     assert not torch.allclose(last, model.hidden_states(x)[:, 0])
 
 
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_beta_and_the_learned_curvature_factor_start_at_one_and_c_at_the_configured_curvature(on_meta):
+    """Built directly or on the meta device then init_weights (every run and rank, engine/init.py): the
+    log-scales start at zero, not at a vector's default of one, and the curvature buffer holds `curvature`."""
+    from engine.init import build_initialised
+    from phases import get_phase
+
+    cfg = load_config(None, MODEL + ["curvature=0.5", "curvature_learned=true"])
+    model = build_initialised(get_phase("phase7"), cfg) if on_meta else build_model(cfg)
+    attention = model.layers[1].self_attn
+    assert torch.equal(attention.log_beta, torch.zeros(4)) and torch.equal(attention.log_curvature, torch.zeros(4))
+    assert torch.equal(attention.curvature(), torch.full((4,), 0.5))
+
+
 def test_cached_decoding_matches_the_full_forward():
     torch.manual_seed(0)
     model = build_model(load_config(None, MODEL)).eval()
