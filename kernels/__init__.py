@@ -7,6 +7,7 @@
                                        beta, causal=True)
     kernels.hyperbolic_attention_reference, expmap0, curvature_at       PyTorch, kernels/hyperbolic.py
     kernels.rms_norm(x, weight, eps), kernels.rms_norm_residual(...)     Triton, kernels/norm.py
+    kernels.rms_norm_reference, rms_norm_residual_reference              PyTorch, kernels/norm_torch.py
     kernels.linear_cross_entropy(hidden, weight, targets, ...)           PyTorch, kernels/cross_entropy.py
     from kernels.linear_attention import linear_attention                Triton, kernels/linear_attention.py
     (imported from its module: a package attribute of that name would be the module once it is imported)
@@ -24,8 +25,8 @@ _MODULE_OF = {
     "flash_attention": "attention", "attention_reference": "attention_torch", "triton_available": "support",
     "hyperbolic_flash_attention": "attention", "hyperbolic_attention_reference": "hyperbolic",
     "expmap0": "hyperbolic", "curvature_at": "hyperbolic",
-    "rms_norm": "norm", "rms_norm_residual": "norm", "rms_norm_reference": "norm",
-    "rms_norm_residual_reference": "norm",
+    "rms_norm": "norm", "rms_norm_residual": "norm", "rms_norm_reference": "norm_torch",
+    "rms_norm_residual_reference": "norm_torch",
     "linear_cross_entropy": "cross_entropy", "linear_cross_entropy_reference": "cross_entropy",
     "linear_attention_reference": "linear_attention_torch", "linear_attention_chunked_torch": "linear_attention_torch",
     "linear_attention_step": "linear_attention_torch",

@@ -35,8 +35,8 @@ import triton.language as tl
 
 from kernels.attention_torch import check_inputs
 from kernels.hyperbolic import Z_EPS
-from kernels.support import (ATTENTION_HEAD_DIMS as HEAD_DIMS, DTYPES, dot_precision, interpreter_requested,
-                             is_interpreted, strides, unit_last_stride)
+from kernels.support import (ATTENTION_HEAD_DIMS as HEAD_DIMS, DTYPES, check_device, dot_precision,
+                             interpreter_requested, is_interpreted, strides, unit_last_stride)
 
 LOG2E = 1.4426950408889634
 
@@ -620,8 +620,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=Fals
     graph and runs the kernels as they are, never tracing into them.
     """
     check_inputs(q, k, v, causal)
-    if not (q.is_cuda or INTERPRETED):
-        raise ValueError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    check_device("flash_attention", q, INTERPRETED)
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
@@ -711,9 +710,7 @@ def hyperbolic_flash_attention(q_s, k_s, q0, k0, v, curvature, beta, causal=True
     curvature (kv_heads,) > 0, beta (heads,). Differentiable in all of them; the same devices, dtypes (for q_s,
     k_s, v) and head dims as flash_attention. The backward is always the deterministic one."""
     check_inputs(q_s, k_s, v, causal)
-    if not (q_s.is_cuda or INTERPRETED):
-        raise ValueError("hyperbolic_flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels "
-                         "is imported")
+    check_device("hyperbolic_flash_attention", q_s, INTERPRETED)
     if q_s.dtype not in DTYPES or k_s.dtype != q_s.dtype or v.dtype != q_s.dtype:
         raise ValueError(f"q_s, k_s, v must share one dtype of {DTYPES}; got {q_s.dtype}, {k_s.dtype}, {v.dtype}")
     if q_s.shape[-1] not in HEAD_DIMS:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.linear_attention_torch import CHUNK, check_inputs
-from kernels.support import (DTYPES, LINEAR_ATTENTION_HEAD_DIMS as HEAD_DIMS, dot_precision,
+from kernels.support import (DTYPES, LINEAR_ATTENTION_HEAD_DIMS as HEAD_DIMS, check_device, dot_precision,
                              interpreter_requested, is_interpreted, strides, unit_last_stride)
 
 
@@ -371,8 +371,7 @@ def linear_attention(q, k, v, g, scale=None, initial_state=None, output_final_st
     last position (batch, heads, key_dim, value_dim), to carry on from (e.g. linear_attention_step).
     """
     check_inputs(q, k, v, g, initial_state)
-    if not (q.is_cuda or INTERPRETED):
-        raise ValueError("linear_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    check_device("linear_attention", q, INTERPRETED)
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or g.dtype not in DTYPES:
         raise ValueError(f"q, k, v must share one dtype of {DTYPES}, and g be one of them; "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}, {g.dtype}")

@@ -38,6 +38,12 @@ def runs_here(interpreted: bool) -> bool:
     return torch.cuda.is_available() or interpreted
 
 
+def check_device(op: str, t, interpreted: bool) -> None:
+    """Our kernels take CUDA tensors, or CPU tensors when Triton decorated them for its interpreter."""
+    if not (t.is_cuda or interpreted):
+        raise ValueError(f"{op} needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+
+
 def triton_available(device_type: str = "cuda") -> bool:
     """Whether our kernels can run on tensors of this device type: CUDA with triton installed, or CPU tensors
     under Triton's interpreter."""

@@ -20,8 +20,8 @@ from kernels import attention  # noqa: E402
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
 from kernels.attention import INTERPRETED, flash_attention  # noqa: E402
 from kernels.attention_torch import attention_reference  # noqa: E402
-from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
-                          rms_norm_residual_reference, rows_per_step)
+from kernels.norm import rms_norm, rms_norm_residual, rows_per_step  # noqa: E402
+from kernels.norm_torch import rms_norm_reference, rms_norm_residual_reference  # noqa: E402
 from kernels.support import runs_here  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
