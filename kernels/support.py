@@ -53,8 +53,8 @@ def triton_available(device_type: str = "cuda") -> bool:
 
 
 def strides(t):
-    """(batch, seq, head) strides of a (batch, seq, heads, features) tensor; the kernels assume the feature stride
-    is 1 (unit_last_stride)."""
+    """(batch, seq, head) strides of a (batch, seq, heads[, features]) tensor; the kernels assume the feature
+    stride is 1 (unit_last_stride)."""
     return t.stride(0), t.stride(1), t.stride(2)
 
 
