@@ -23,7 +23,8 @@ from triton.testing import do_bench
 from bench.results import record
 from kernels.attention import flash_attention, hyperbolic_flash_attention
 from kernels.hyperbolic import expmap0
-from kernels.norm import rms_norm, rms_norm_reference
+from kernels.norm import rms_norm
+from kernels.norm_torch import rms_norm_reference
 
 MATMUL_FLOPS = 739e12  # H100 SXM dense bf16, as measured by a large cuBLAS matmul
 MEMORY_BYTES_PER_S = 2.83e12  # H100 SXM HBM3, as measured by a large copy

@@ -25,27 +25,27 @@ k0 beside them); a tile's score is z = c (q0 k0^T - q_s k_s^T), the dot product 
 so the same matmuls give dQ_s and dK_s; row and column sums give dQ0 and dK0, and the dQ kernel's per-row sums
 of dS arcosh(z) and dS z give d/dbeta and d/dc. It always runs the deterministic backward (dQ0 would need a
 second atomic buffer).
-"""
 
-import os
+The plain PyTorch reference, attention_reference, is in kernels/attention_torch.py (importable without Triton).
+"""
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_torch import check_inputs
 from kernels.hyperbolic import Z_EPS
-from kernels.support import ATTENTION_HEAD_DIMS as HEAD_DIMS, is_interpreted
+from kernels.support import (ATTENTION_HEAD_DIMS as HEAD_DIMS, DTYPES, check_device, dot_precision,
+                             interpreter_requested, is_interpreted, strides, unit_last_stride)
 
 LOG2E = 1.4426950408889634
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Read when the kernels below are decorated, as Triton does: the interpreter runs every autotune candidate
-# slowly, so it gets one small config that still has several blocks per sequence at test sizes.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(gpu, interpreted):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) choices as autotune configs."""
-    choices = [interpreted] if INTERPRET else gpu
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) choices as autotune configs. Asked when the kernels below are
+    decorated, as Triton does: the interpreter runs every autotune candidate slowly, so it gets one small config
+    that still has several blocks per sequence at test sizes."""
+    choices = [interpreted] if interpreter_requested() else gpu
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in choices]
 
 
@@ -506,11 +506,6 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, Q0, K0, DQ0, SUMS, GEOM, qk_scale,
         tl.store(SUMS + tl.num_programs(1).to(tl.int64) * N_CTX_Q + at, z_sum, mask=row_ok)
 
 
-def _strides(t):
-    """(batch, seq, head) strides; the kernels assume the head_dim stride is 1."""
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def tuning_bucket(n):
     """The autotune key for a size n: the next power of two, capped at LONGEST_BUCKET."""
     return min(triton.next_power_of_2(n), LONGEST_BUCKET)
@@ -522,33 +517,12 @@ def _sizes(n_q, n_k, batch_heads):
     return n_q, n_k, tuning_bucket(n_q), tuning_bucket(n_k), tuning_bucket(batch_heads)
 
 
-def _unit_last_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _precision(dtype):
-    """fp32 inputs multiply in full fp32 (TF32 would lose ~3 digits); fp16/bf16 ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _check_inputs(q, k, v, causal):
-    if not (q.dim() == k.dim() == v.dim() == 4):
-        raise ValueError(f"q, k, v must be (batch, seq, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} do not match "
-                         "(k and v must have q's batch and head_dim, and a number of heads that divides q's)")
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal attention needs as many keys as queries; got {q.shape[1]} and {k.shape[1]}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError("empty sequence")
-
-
 @torch.library.custom_op("kernels::flash_attention_forward", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
              deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): lse is each query row's log-sum-exp in base 2 with the scale folded in, kept for backward.
     deterministic is for backward only; it rides along here so that autograd has it."""
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
     return _launch_forward(q, k, v, causal, softmax_scale * LOG2E)
 
 
@@ -561,9 +535,9 @@ def _launch_forward(q, k, v, causal, qk_scale, hyperbolic=None):
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     q0, k0, geometry = hyperbolic or (lse, lse, lse)  # the euclidean kernel never reads these
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](q, k, v, o, lse, q0, k0, geometry, qk_scale, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(o), H, H // k.shape[2], *_sizes(n_q, n_k, B * H),
-                    HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype), HYPERBOLIC=hyperbolic is not None)
+    _attn_fwd[grid](q, k, v, o, lse, q0, k0, geometry, qk_scale, *strides(q), *strides(k), *strides(v),
+                    *strides(o), H, H // k.shape[2], *_sizes(n_q, n_k, B * H),
+                    HEAD_DIM=D, CAUSAL=causal, PRECISION=dot_precision(q.dtype), HYPERBOLIC=hyperbolic is not None)
     return o, lse
 
 
@@ -580,7 +554,7 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """(dq, dk, dv). By default one kernel per key block does it all, adding dQ into an fp32 buffer with atomics
     (summed in whatever order blocks finish); deterministic gives dQ its own kernel instead: two more matmuls
     and a second exp per block, the same bits every run."""
-    do, q, k, v, o = (_unit_last_stride(t) for t in (do, q, k, v, o))
+    do, q, k, v, o = (unit_last_stride(t) for t in (do, q, k, v, o))
     return _launch_backward(do, q, k, v, o, lse, causal, softmax_scale, deterministic)
 
 
@@ -592,7 +566,7 @@ def _launch_backward(do, q, k, v, o, lse, causal, softmax_scale, deterministic, 
     B, n_q, H, D = q.shape
     n_k = k.shape[1]
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *_strides(o), *_strides(do), H, n_q,
+    _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *strides(o), *strides(do), H, n_q,
                                                             HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
     dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
     if deterministic:
@@ -600,19 +574,19 @@ def _launch_backward(do, q, k, v, o, lse, causal, softmax_scale, deterministic, 
     else:
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     scales = (softmax_scale * LOG2E, softmax_scale)
-    flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype), HYPERBOLIC=hyperbolic is not None)
+    flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=dot_precision(q.dtype), HYPERBOLIC=hyperbolic is not None)
     q0, k0, geometry, dq0, dk0, sums = hyperbolic or (delta,) * 6  # the euclidean kernels never read these
     H_kv = k.shape[2]
     heads = (H, H // H_kv)  # query heads, and how many share each kv head
     grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
-    _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, q0, k0, dk0, geometry, *scales, *_strides(q),
-                           *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv),
+    _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, q0, k0, dk0, geometry, *scales, *strides(q),
+                           *strides(k), *strides(v), *strides(do), *strides(dq), *strides(dk), *strides(dv),
                            *heads, *_sizes(n_q, n_k, B * H_kv), DQ_ATOMIC=not deterministic, **flags)
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, q0, k0, dq0, sums, geometry, *scales, *_strides(q),
-                         *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *heads,
+    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, q0, k0, dq0, sums, geometry, *scales, *strides(q),
+                         *strides(k), *strides(v), *strides(do), *strides(dq), *heads,
                          *_sizes(n_q, n_k, B * H), **flags)
     return dq, dk, dv
 
@@ -645,15 +619,14 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=Fals
     Forward and backward are torch.library custom ops, so torch.compile keeps a block that calls this in one
     graph and runs the kernels as they are, never tracing into them.
     """
-    _check_inputs(q, k, v, causal)
-    if not (q.is_cuda or INTERPRETED):
-        raise ValueError("flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    check_inputs(q, k, v, causal)
+    check_device("flash_attention", q, INTERPRETED)
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     return _forward(q, k, v, causal, scale, deterministic)[0]
 
 
@@ -675,7 +648,7 @@ def _hyperbolic_forward(q_s: torch.Tensor, k_s: torch.Tensor, q0: torch.Tensor, 
                         curvature: torch.Tensor, beta: torch.Tensor,
                         causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of softmax(-beta d_c(q, k)) v, lse in base 2 like _forward's."""
-    q_s, k_s, v = (_unit_last_stride(t) for t in (q_s, k_s, v))
+    q_s, k_s, v = (unit_last_stride(t) for t in (q_s, k_s, v))
     geometry = _geometry(curvature, beta, q_s.shape[2])
     return _launch_forward(q_s, k_s, v, causal, 0.0, (_heads_first(q0), _heads_first(k0), geometry))
 
@@ -696,7 +669,7 @@ def _hyperbolic_backward(do: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor,
     row, the sums over keys of dS arcosh(z) and dS' z; with s = -beta arcosh(z) / sqrt(c), z = -c <q, k>_L and
     dS' = -c dL/dz, the per-head gradients are dbeta = -sum(dS arcosh) / sqrt(c) and
     dc = sum(dS arcosh) beta / (2 c^1.5) - sum(dS' z) / c^2 (summed over a kv head's query heads)."""
-    do, q_s, k_s, v, o = (_unit_last_stride(t) for t in (do, q_s, k_s, v, o))
+    do, q_s, k_s, v, o = (unit_last_stride(t) for t in (do, q_s, k_s, v, o))
     B, n_q, H, _ = q_s.shape
     H_kv, n_k = k_s.shape[2], k_s.shape[1]
     geometry = _geometry(curvature, beta, H)
@@ -736,10 +709,8 @@ def hyperbolic_flash_attention(q_s, k_s, q0, k0, v, curvature, beta, causal=True
     (batch, seq, heads, head_dim) and q0 (batch, seq, heads) from expmap0, likewise k_s, k0 and v with kv_heads;
     curvature (kv_heads,) > 0, beta (heads,). Differentiable in all of them; the same devices, dtypes (for q_s,
     k_s, v) and head dims as flash_attention. The backward is always the deterministic one."""
-    _check_inputs(q_s, k_s, v, causal)
-    if not (q_s.is_cuda or INTERPRETED):
-        raise ValueError("hyperbolic_flash_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels "
-                         "is imported")
+    check_inputs(q_s, k_s, v, causal)
+    check_device("hyperbolic_flash_attention", q_s, INTERPRETED)
     if q_s.dtype not in DTYPES or k_s.dtype != q_s.dtype or v.dtype != q_s.dtype:
         raise ValueError(f"q_s, k_s, v must share one dtype of {DTYPES}; got {q_s.dtype}, {k_s.dtype}, {v.dtype}")
     if q_s.shape[-1] not in HEAD_DIMS:
@@ -750,23 +721,3 @@ def hyperbolic_flash_attention(q_s, k_s, q0, k0, v, curvature, beta, causal=True
         raise ValueError(f"curvature must have one value per kv head and beta one per head; got "
                          f"{tuple(curvature.shape)} and {tuple(beta.shape)}")
     return _hyperbolic_forward(q_s, k_s, q0, k0, v, curvature, beta, causal)[0]
-
-
-def attention_reference(q, k, v, causal=True, softmax_scale=None):
-    """The same attention in plain PyTorch, computed in float32 (float64 for float64 inputs), in q's dtype."""
-    _check_inputs(q, k, v, causal)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    compute = torch.promote_types(q.dtype, torch.float32)
-    group = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    q_, k_, v_ = (t.transpose(1, 2).to(compute) for t in (q, k, v))
-    scores = (q_ @ k_.transpose(-2, -1)) * scale
-    if causal:
-        n = q.shape[1]
-        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    return (scores.softmax(-1) @ v_).transpose(1, 2).to(q.dtype)
-
-
-def runs_here() -> bool:
-    """Whether these kernels, as decorated, run on this machine: on CUDA, or on CPU tensors in the interpreter."""
-    return torch.cuda.is_available() or INTERPRETED

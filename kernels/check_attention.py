@@ -14,7 +14,9 @@ import torch
 
 import torch.nn.functional as F
 
-from kernels.attention import attention_reference, flash_attention, runs_here
+from kernels.attention import INTERPRETED, flash_attention
+from kernels.attention_torch import attention_reference
+from kernels.support import runs_here
 
 ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 NAMES = ("out", "dq", "dk", "dv")
@@ -80,7 +82,7 @@ def time_attention(q, k, v, do, causal, repeats, deterministic=False):
 
 
 def main() -> int:
-    if not runs_here():
+    if not runs_here(INTERPRETED):
         # Without CUDA the kernels need Triton's interpreter, which Triton reads when it decorates them, and
         # `python -m` imported the kernels package before this line ran: start again with it switched on.
         os.environ["TRITON_INTERPRET"] = "1"

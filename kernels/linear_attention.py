@@ -30,24 +30,20 @@ fp32 multiplies in full fp32 for checks, and is slow), key and value dims in HEA
 backward are torch.library custom ops, so torch.compile keeps them whole.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.linear_attention_torch import CHUNK, check_inputs
-from kernels.support import LINEAR_ATTENTION_HEAD_DIMS as HEAD_DIMS, is_interpreted
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Read when the kernels below are decorated, as Triton does: the interpreter runs every autotune candidate
-# slowly, so it gets one small config that still splits test-size heads into several blocks.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.support import (DTYPES, LINEAR_ATTENTION_HEAD_DIMS as HEAD_DIMS, check_device, dot_precision,
+                             interpreter_requested, is_interpreted, strides, unit_last_stride)
 
 
 def _configs(names, gpu, interpreted):
-    """Autotune configs from (*block sizes named by names, num_warps, num_stages) tuples."""
-    choices = [interpreted] if INTERPRET else gpu
+    """Autotune configs from (*block sizes named by names, num_warps, num_stages) tuples. Asked when the kernels
+    below are decorated, as Triton does: the interpreter runs every autotune candidate slowly, so it gets one small
+    config that still splits test-size heads into several blocks."""
+    choices = [interpreted] if interpreter_requested() else gpu
     return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in choices]
 
 
@@ -266,20 +262,6 @@ def _chunk_dq_dk(Q, K, V, G, DO, HS, DHS, DQ, DK, DG_LOCAL, scale,
     tl.store(DG_LOCAL + bh.to(tl.int64) * T + rows, dg_local, mask=rows < T)
 
 
-def _strides(t):
-    """(batch, seq, head) strides; the kernels assume the feature stride is 1."""
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _unit_last_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _precision(dtype):
-    """fp32 inputs multiply in full fp32 (TF32 would lose ~3 digits); fp16/bf16 ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _state_dtype(dtype):
     """How the per-chunk states are stored between kernels: bf16 for bf16 (the matmuls take it), else fp32, since
     fp16's range (65504) is too small for a state that sums thousands of k^T v without decay."""
@@ -290,7 +272,7 @@ def _launch_args(q, v):
     """Sizes every kernel takes: T, heads, batch*heads, the tuning bucket of T; and the dims as constexprs."""
     B, T, H, K = q.shape
     sizes = (T, H, B * H, triton.next_power_of_2(T))
-    return sizes, dict(KEY_DIM=K, VALUE_DIM=v.shape[-1], CHUNK=CHUNK, PRECISION=_precision(q.dtype))
+    return sizes, dict(KEY_DIM=K, VALUE_DIM=v.shape[-1], CHUNK=CHUNK, PRECISION=dot_precision(q.dtype))
 
 
 def _states(k, v, g, initial_state):
@@ -301,7 +283,7 @@ def _states(k, v, g, initial_state):
     final = torch.empty((B, H, K, Vd), dtype=torch.float32, device=k.device)
     sizes, flags = _launch_args(k, v)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(Vd, meta["BLOCK_V"]), B * H)  # noqa: E731
-    _chunk_states[grid](k, v, g, initial_state, states, final, *_strides(k), *_strides(v), *_strides(g), *sizes,
+    _chunk_states[grid](k, v, g, initial_state, states, final, *strides(k), *strides(v), *strides(g), *sizes,
                         HAS_INITIAL=initial_state is not None, **flags)
     return states, final
 
@@ -310,7 +292,7 @@ def _states(k, v, g, initial_state):
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, initial_state: torch.Tensor | None,
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, final_state); the final state is a by-product of the state kernel, so it is always returned."""
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))  # a compiled caller may hand over other layouts
     initial_state = initial_state.contiguous() if initial_state is not None else None
     B, T, H, _ = q.shape
     Vd = v.shape[-1]
@@ -318,8 +300,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     o = torch.empty((B, T, H, Vd), dtype=q.dtype, device=q.device)
     sizes, flags = _launch_args(q, v)
     grid = lambda meta: (triton.cdiv(Vd, meta["BLOCK_V"]), states.shape[1], B * H)  # noqa: E731
-    _chunk_output[grid](q, k, v, g, states, o, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(g),
-                        *_strides(o), *sizes, **flags)
+    _chunk_output[grid](q, k, v, g, states, o, scale, *strides(q), *strides(k), *strides(v), *strides(g),
+                        *strides(o), *sizes, **flags)
     return o, final
 
 
@@ -335,7 +317,7 @@ def _backward(do: torch.Tensor, dfinal: torch.Tensor, q: torch.Tensor, k: torch.
               g: torch.Tensor, initial_state: torch.Tensor | None,
               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dg, d initial_state) from the gradients of the output and of the final state."""
-    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    do, q, k, v = (unit_last_stride(t) for t in (do, q, k, v))
     dfinal = dfinal.contiguous()
     initial_state = initial_state.contiguous() if initial_state is not None else None
     B, T, H, K = q.shape
@@ -345,17 +327,17 @@ def _backward(do: torch.Tensor, dfinal: torch.Tensor, q: torch.Tensor, k: torch.
     dinitial = torch.empty((B, H, K, Vd), dtype=torch.float32, device=q.device)
     sizes, flags = _launch_args(q, v)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(Vd, meta["BLOCK_V"]), B * H)  # noqa: E731
-    _chunk_state_grads[grid](q, g, do, dfinal, dstates, dinitial, scale, *_strides(q), *_strides(g), *_strides(do),
+    _chunk_state_grads[grid](q, g, do, dfinal, dstates, dinitial, scale, *strides(q), *strides(g), *strides(do),
                              *sizes, **flags)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dg_local = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     n_chunks = states.shape[1]
-    _chunk_dq_dk[(n_chunks, B * H)](q, k, v, g, do, states, dstates, dq, dk, dg_local, scale, *_strides(q),
-                                    *_strides(k), *_strides(v), *_strides(g), *_strides(do), *_strides(dq),
-                                    *_strides(dk), *sizes, **flags)
+    _chunk_dq_dk[(n_chunks, B * H)](q, k, v, g, do, states, dstates, dq, dk, dg_local, scale, *strides(q),
+                                    *strides(k), *strides(v), *strides(g), *strides(do), *strides(dq),
+                                    *strides(dk), *sizes, **flags)
     grid = lambda meta: (triton.cdiv(Vd, meta["BLOCK_V"]), n_chunks, B * H)  # noqa: E731
-    _chunk_dv[grid](q, k, g, do, dstates, dv, scale, *_strides(q), *_strides(k), *_strides(g), *_strides(do),
-                    *_strides(dv), *sizes, **flags)
+    _chunk_dv[grid](q, k, g, do, dstates, dv, scale, *strides(q), *strides(k), *strides(g), *strides(do),
+                    *strides(dv), *sizes, **flags)
     # dg_t sums the local terms from t to the end; the final state is exp(decay to the end) times a sum.
     dg = dg_local.flip(-1).cumsum(-1).flip(-1) + (final * dfinal).sum((-2, -1))[..., None]
     return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous(), dinitial
@@ -389,21 +371,15 @@ def linear_attention(q, k, v, g, scale=None, initial_state=None, output_final_st
     last position (batch, heads, key_dim, value_dim), to carry on from (e.g. linear_attention_step).
     """
     check_inputs(q, k, v, g, initial_state)
-    if not (q.is_cuda or INTERPRETED):
-        raise ValueError("linear_attention needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    check_device("linear_attention", q, INTERPRETED)
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or g.dtype not in DTYPES:
         raise ValueError(f"q, k, v must share one dtype of {DTYPES}, and g be one of them; "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}, {g.dtype}")
     if q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"key and value dims must be in {HEAD_DIMS}; got {q.shape[-1]}, {v.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if initial_state is not None:
         initial_state = initial_state.float()
     o, final = _forward(q, k, v, g, initial_state, scale)
     return (o, final) if output_final_state else o
-
-
-def runs_here() -> bool:
-    """Whether these kernels, as decorated, run on this machine: on CUDA, or on CPU tensors in the interpreter."""
-    return torch.cuda.is_available() or INTERPRETED

@@ -6,14 +6,15 @@ at a time (one cross-warp reduction and one round of loads for all of them), wri
 partial sum of dweight; the partials are summed afterwards (deterministic, no atomics). Folding that sum into the
 kernel (the last program to finish adds up the others) would put megabytes on one SM, slower than the sum.
 rms_norm_residual also adds the residual first and returns the sum, saving a pass over the tensor.
-The output dtype follows PyTorch's promotion of input and weight, as the reference's `normed * weight` does.
+The output dtype follows PyTorch's promotion of input and weight, as the reference's `normed * weight` does (the
+plain PyTorch reference is in kernels/norm_torch.py).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.support import RMS_NORM_MAX_HIDDEN as MAX_BLOCK, is_interpreted
+from kernels.support import RMS_NORM_MAX_HIDDEN as MAX_BLOCK, check_device, is_interpreted
 
 STEP_ELEMENTS = 16384  # a backward step's rows x BLOCK: 32 fp32 values per thread per tile at the warps chosen
 
@@ -200,8 +201,7 @@ _forward_residual.register_autograd(_norm_residual_gradients, setup_context=_sav
 
 
 def _check(x, weight):
-    if not (x.is_cuda or INTERPRETED):
-        raise ValueError("rms_norm needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels is imported")
+    check_device("rms_norm", x, INTERPRETED)
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must have shape ({x.shape[-1]},); got {tuple(weight.shape)}")
     _launch_settings(x.shape[-1])  # rejects hidden sizes too wide for a row in registers
@@ -223,15 +223,3 @@ def rms_norm_residual(x, residual, weight, eps=1e-6):
         raise ValueError(f"residual must have x's shape: {tuple(residual.shape)} vs {tuple(x.shape)}")
     y, total, _ = _forward_residual(x, residual, weight, eps)
     return y, total
-
-
-def rms_norm_reference(x, weight, eps=1e-6):
-    """Llama's RMSNorm: normalise in fp32 (fp64 for fp64 input), cast to x's dtype, multiply by the weight."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    xc = x.to(compute)
-    return (xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def rms_norm_residual_reference(x, residual, weight, eps=1e-6):
-    total = x + residual
-    return rms_norm_reference(total, weight, eps), total

@@ -118,8 +118,9 @@ def test_the_guard_keeps_gradients_finite_where_query_and_key_coincide():
 # --- the kernel ----------------------------------------------------------------------------------------------
 
 def kernel_or_skip():
-    from kernels.attention import hyperbolic_flash_attention, runs_here
-    if not runs_here():
+    from kernels.attention import INTERPRETED, hyperbolic_flash_attention
+    from kernels.support import runs_here
+    if not runs_here(INTERPRETED):
         pytest.skip("kernels was imported before TRITON_INTERPRET=1 was set (see tests/test_kernels.py)")
     return hyperbolic_flash_attention
 

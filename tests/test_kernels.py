@@ -18,12 +18,14 @@ import triton  # noqa: E402
 
 from kernels import attention  # noqa: E402
 from kernels.check_attention import ERROR_FLOOR, compare, random_inputs  # noqa: E402
-from kernels.attention import INTERPRETED, attention_reference, flash_attention, runs_here  # noqa: E402
-from kernels.norm import (rms_norm, rms_norm_reference, rms_norm_residual,  # noqa: E402
-                          rms_norm_residual_reference, rows_per_step)
+from kernels.attention import INTERPRETED, flash_attention  # noqa: E402
+from kernels.attention_torch import attention_reference  # noqa: E402
+from kernels.norm import rms_norm, rms_norm_residual, rows_per_step  # noqa: E402
+from kernels.norm_torch import rms_norm_reference, rms_norm_residual_reference  # noqa: E402
+from kernels.support import runs_here  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not runs_here(), reason="kernels was imported before TRITON_INTERPRET=1 "
+needs_triton = pytest.mark.skipif(not runs_here(INTERPRETED), reason="kernels was imported before TRITON_INTERPRET=1 "
                                   "was set (see test_kernels_run_in_the_interpreter_without_cuda)")
 
 
@@ -32,7 +34,7 @@ def test_kernels_run_in_the_interpreter_without_cuda():
         pytest.skip("CUDA: the kernels are compiled")
     assert INTERPRETED, ("kernels was imported before this module set TRITON_INTERPRET=1, so its kernels were made "
                          "for a GPU: set TRITON_INTERPRET=1 in the environment, or import kernels lazily elsewhere")
-    assert runs_here()
+    assert runs_here(INTERPRETED)
 
 
 def skip_bf16_attention_in_interpreter(dtype):

@@ -18,13 +18,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.linear_attention import INTERPRETED, linear_attention, runs_here  # noqa: E402
+from kernels.linear_attention import INTERPRETED, linear_attention  # noqa: E402
 from kernels.linear_attention_torch import (CHUNK, linear_attention_chunked_torch,  # noqa: E402
                                             linear_attention_reference, linear_attention_step)
+from kernels.support import runs_here  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
-needs_triton = pytest.mark.skipif(not runs_here(), reason="kernels was imported before TRITON_INTERPRET=1 was set")
+needs_triton = pytest.mark.skipif(not runs_here(INTERPRETED),
+                                  reason="kernels was imported before TRITON_INTERPRET=1 was set")
 # Relative to the largest gold value: fp32 kernels measure ~5e-7, a wrong term is off by 1e-3 or far more.
 FP32_TOLERANCE = 1e-5
 HALF_FLOOR = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -82,7 +84,7 @@ def skip_bf16_in_interpreter(dtype):
 def test_kernels_run_in_the_interpreter_without_cuda():
     if DEVICE == "cuda":
         pytest.skip("CUDA: the kernels are compiled")
-    assert INTERPRETED and runs_here()
+    assert INTERPRETED and runs_here(INTERPRETED)
 
 
 @needs_triton

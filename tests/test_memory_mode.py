@@ -1,7 +1,7 @@
 """Memory mode: 8-bit codes, stochastic rounding, and the in-backward AdamW against torch.optim.AdamW.
 
 Without CUDA the Triton kernels run on CPU tensors in Triton's interpreter, which must be switched on before
-engine.memory_mode.kernels is first imported (hence the environment variable set here, before the imports).
+kernels.adamw_8bit is first imported (hence the environment variable set here, before the imports).
 """
 
 import functools
@@ -18,11 +18,12 @@ import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.blocks import checkpoint_blocks  # noqa: E402
-from engine.memory_mode import kernels as memory_kernels, optimizer as memory_optimizer  # noqa: E402
+from engine.memory_mode import optimizer as memory_optimizer  # noqa: E402
 from engine.memory_mode.codec import (BLOCK, BlockQuantized, decode, encode,  # noqa: E402
                                       stochastic_round_to_bf16)
 from engine.memory_mode.estimate import estimate_for_model, estimate_memory_mode_bytes  # noqa: E402
 from engine.memory_mode.optimizer import InBackwardOptimizer, prepare_model_for_memory_mode  # noqa: E402
+from kernels import adamw_8bit as memory_kernels  # noqa: E402
 from kernels.support import is_interpreted  # noqa: E402
 from phases import load_config  # noqa: E402
 from phases.phase7 import build_model, next_token_loss  # noqa: E402
@@ -392,7 +393,7 @@ def test_check_env_reports_the_1_44b_recipes_memory_mode_peak(capsys):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
     DEVICE == "cpu" and not is_interpreted(memory_kernels.adamw_kernel),
-    reason="engine.memory_mode.kernels was imported before TRITON_INTERPRET=1 was set; set it in the environment")
+    reason="kernels.adamw_8bit was imported before TRITON_INTERPRET=1 was set; set it in the environment")
 
 
 def within_one_code_step(a, b, mantissa_bits):

@@ -175,9 +175,10 @@ def test_phase7_keys_stay_phase7s_and_phase8_keys_name_their_phase():
 def test_triton_path_matches_the_torch_path():
     """The mixer through kernels/linear_attention.py (CUDA, or Triton's interpreter here) against the chunked
     PyTorch form: forward, and the gradients of every parameter including the decay's."""
-    from kernels.linear_attention import runs_here
+    from kernels.linear_attention import INTERPRETED
+    from kernels.support import runs_here
 
-    if not runs_here():
+    if not runs_here(INTERPRETED):
         pytest.skip("kernels.linear_attention was imported before TRITON_INTERPRET=1 was set")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

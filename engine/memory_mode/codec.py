@@ -1,5 +1,5 @@
 """The 8-bit block-quantized format of memory mode's optimizer states, in PyTorch: the reference that the Triton
-kernels (kernels.py) are tested against, and what runs where Triton does not (CPU, 32-bit states)."""
+kernels (kernels/adamw_8bit.py) are tested against, and what runs where Triton does not (CPU, 32-bit states)."""
 
 import torch
 

@@ -96,7 +96,7 @@ class InBackwardOptimizer:
             use_triton = self.device.type == "cuda"
         self.use_triton = use_triton and state_bits == 8  # else the PyTorch code, chunked
         # imported here, not at the top: this module must import where triton is not installed
-        self.kernels = importlib.import_module("engine.memory_mode.kernels") if self.use_triton else None
+        self.kernels = importlib.import_module("kernels.adamw_8bit") if self.use_triton else None
         for p in self.named.values():
             p.register_post_accumulate_grad_hook(self._on_grad)
         self.in_step = False

@@ -1,6 +1,8 @@
 """Memory mode's codec and AdamW update in Triton, fused: one program per BLOCK, no fp32 temporaries in memory.
 
-Checked against the PyTorch code in codec.py and optimizer.py under TRITON_INTERPRET=1 (tests/test_memory_mode.py).
+The plain PyTorch reference is engine/memory_mode/codec.py (the 8-bit format) and optimizer.py (the update), which
+own the format's constants; checked against them under TRITON_INTERPRET=1 (tests/test_memory_mode.py). Imported
+by engine/memory_mode/optimizer.py only for its Triton path (CUDA by default), so memory mode runs without triton.
 """
 
 import triton
