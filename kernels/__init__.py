@@ -12,7 +12,7 @@
     from kernels.linear_attention import linear_attention                Triton, kernels/linear_attention.py
     (imported from its module: a package attribute of that name would be the module once it is imported)
     kernels.linear_attention_reference, _chunked_torch, _step            PyTorch, kernels/linear_attention_torch.py
-    memory mode's 8-bit AdamW (kernels/adamw_8bit.py, Triton) is tested against engine/memory_mode/codec.py.
+    memory mode's 8-bit AdamW (kernels/adamw_8bit.py, Triton) is tested against kernels/adamw_8bit_torch.py.
     kernels/support.py: where the kernels run (the one reader of TRITON_INTERPRET) and their launch helpers.
 
 Names are loaded on first use: importing the package never imports triton, so the pure-PyTorch pieces work

@@ -1,14 +1,15 @@
 """Memory mode's codec and AdamW update in Triton, fused: one program per BLOCK, no fp32 temporaries in memory.
 
-The plain PyTorch reference is engine/memory_mode/codec.py (the 8-bit format) and optimizer.py (the update), which
-own the format's constants; checked against them under TRITON_INTERPRET=1 (tests/test_memory_mode.py). Imported
-by engine/memory_mode/optimizer.py only for its Triton path (CUDA by default), so memory mode runs without triton.
+The plain PyTorch reference is kernels/adamw_8bit_torch.py (the 8-bit format, which owns its constants) and
+engine/memory_mode/optimizer.py (the update); checked against them under TRITON_INTERPRET=1
+(tests/test_memory_mode.py). Imported by engine/memory_mode/optimizer.py only for its Triton path (CUDA by
+default), so memory mode runs without triton.
 """
 
 import triton
 import triton.language as tl
 
-from engine.memory_mode.codec import EXPONENT_BIAS, SIGNED_MANTISSA_BITS, UNSIGNED_MANTISSA_BITS
+from kernels.adamw_8bit_torch import EXPONENT_BIAS, SIGNED_MANTISSA_BITS, UNSIGNED_MANTISSA_BITS
 
 _BIAS: tl.constexpr = tl.constexpr(EXPONENT_BIAS)
 SIGNED_BITS: tl.constexpr = tl.constexpr(SIGNED_MANTISSA_BITS)

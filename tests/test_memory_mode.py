@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 
 from engine.blocks import checkpoint_blocks  # noqa: E402
 from engine.memory_mode import optimizer as memory_optimizer  # noqa: E402
-from engine.memory_mode.codec import (BLOCK, BlockQuantized, decode, encode,  # noqa: E402
+from kernels.adamw_8bit_torch import (BLOCK, BlockQuantized, decode, encode,  # noqa: E402
                                       stochastic_round_to_bf16)
 from engine.memory_mode.estimate import estimate_for_model, estimate_memory_mode_bytes  # noqa: E402
 from engine.memory_mode.optimizer import InBackwardOptimizer, prepare_model_for_memory_mode  # noqa: E402

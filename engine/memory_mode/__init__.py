@@ -10,7 +10,8 @@ Bytes per parameter, against 16 for bf16-autocast AdamW with fp32 weights (weigh
 That is 5.8e9 bytes at 1.44e9 parameters (7.3e9 with accumulation); estimate.estimate_memory_mode_bytes adds the
 activations and temporaries and says what is left.
 
-codec.py: the 8-bit block-quantized format in PyTorch (the reference, and the CPU path); kernels/adamw_8bit.py:
-the same format and the fused AdamW update in Triton (imported only on CUDA, so this package imports without
-triton); optimizer.py: the AdamW that runs inside backward; estimate.py: bytes on the GPU at the peak of a step.
+kernels/adamw_8bit_torch.py: the 8-bit block-quantized format in PyTorch (the reference, and the CPU path);
+kernels/adamw_8bit.py: the same format and the fused AdamW update in Triton (imported only on CUDA, so this package
+imports without triton); optimizer.py: the AdamW that runs inside backward; estimate.py: bytes on the GPU at the
+peak of a step.
 """

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from engine.memory_mode.codec import BLOCK
+from kernels.adamw_8bit_torch import BLOCK
 from kernels.cross_entropy import default_chunk_tokens
 
 

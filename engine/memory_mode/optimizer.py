@@ -4,7 +4,7 @@ import importlib
 
 import torch
 
-from engine.memory_mode.codec import BLOCK, BlockQuantized, FullPrecision, stochastic_round_to_bf16
+from kernels.adamw_8bit_torch import BLOCK, BlockQuantized, FullPrecision, stochastic_round_to_bf16
 
 CHUNK = 1 << 23  # elements per pass of an update: its half-dozen fp32 temporaries stay at 32 MB each
 
