@@ -52,7 +52,7 @@ def work(tmp_path_factory):
         writer = ShardWriter(tmp / "data", split, 1000, sep_token=eos, dtype=np.uint16)
         writer.add(part)
         writer.close()
-    for phase, steps in (("phase7", 40), ("mdm", 200)):
+    for phase, steps in (("phase7", 40), ("mdm", 400)):
         Trainer(load_config(None, [f"phase={phase}", f"data={tmp / 'data'}", f"tokenizer={tmp / 'tokenizer.json'}",
                                    *MODEL, f"max_steps={steps}", f"eval_every={steps}",
                                    f"out_dir={tmp / 'runs' / phase}"])).fit()
