@@ -12,10 +12,10 @@ one's fastest, so load from other processes on a shared machine hits them alike.
 
 import argparse
 import sys
-import time
 
 import torch
 
+from bench.phase7 import fastest_seconds_per_step
 from bench.results import record
 from engine.cli import run_cli
 from engine.train import Trainer
@@ -45,19 +45,9 @@ def train_variant(key: str, seed: int, args) -> float:
 
 def time_variants(args) -> dict[str, float]:
     """Seconds per optimizer step: the fastest of `rounds` rounds of `steps_per_round` steps, variants interleaved."""
-    trainers = {}
-    for key in args.variants:
-        trainers[key] = Trainer(load_config(args.config, ["fast_dev_run=1", *args.overrides, *VARIANTS[key][1]]))
-        trainers[key].model.train()
-    best = {key: float("inf") for key in trainers}
-    for _ in range(args.rounds):
-        for key, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                trainer.forward_backward()
-                trainer.optimizer.apply()
-            best[key] = min(best[key], (time.perf_counter() - start) / args.steps_per_round)
-    return best
+    trainers = {key: Trainer(load_config(args.config, ["fast_dev_run=1", *args.overrides, *VARIANTS[key][1]]))
+                for key in args.variants}
+    return fastest_seconds_per_step(trainers, args.rounds, args.steps_per_round)
 
 
 def table(val_losses: dict[str, list[float]], seconds: dict[str, float], seeds: list[int]) -> str:

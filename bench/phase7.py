@@ -69,6 +69,22 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def fastest_seconds_per_step(trainers: dict, rounds: int, steps_per_round: int) -> dict:
+    """Seconds per optimizer step of each of {name: Trainer}: the fastest of `rounds` rounds of `steps_per_round`
+    steps, the trainers interleaved, so that a machine busy with other work slows them alike (the CPU benches)."""
+    for trainer in trainers.values():
+        trainer.model.train()
+    best = {name: float("inf") for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                trainer.forward_backward()
+                trainer.optimizer.apply()
+            best[name] = min(best[name], (time.perf_counter() - start) / steps_per_round)
+    return best
+
+
 def run_ours(args, n_layers=None, switches=(), name=None) -> dict:
     overrides = bench_overrides(args) + list(switches) + ([f"n_layers={n_layers}"] if n_layers else [])
     trainer = Trainer(load_config(CONFIG, overrides))

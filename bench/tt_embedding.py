@@ -12,10 +12,10 @@ TT embedding of each rank saves there. Both tables are appended to bench/RESULTS
 
 import argparse
 import sys
-import time
 
 import torch
 
+from bench.phase7 import fastest_seconds_per_step
 from bench.results import record
 from engine.cli import run_cli
 from engine.train import Trainer
@@ -51,19 +51,9 @@ def train_variant(key: str, args) -> dict:
 
 def time_variants(args) -> dict[str, float]:
     """tok/s from the fastest of `rounds` rounds of `steps_per_round` optimizer steps, the variants interleaved."""
-    trainers = {}
-    for key in args.variants:
-        cfg = load_config(args.config, ["fast_dev_run=1", *args.overrides, *VARIANTS[key][1]])
-        trainers[key] = Trainer(cfg)
-        trainers[key].model.train()
-    best = {key: float("inf") for key in trainers}
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                trainer.forward_backward()
-                trainer.optimizer.apply()
-            best[name] = min(best[name], (time.perf_counter() - start) / args.steps_per_round)
+    trainers = {key: Trainer(load_config(args.config, ["fast_dev_run=1", *args.overrides, *VARIANTS[key][1]]))
+                for key in args.variants}
+    best = fastest_seconds_per_step(trainers, args.rounds, args.steps_per_round)
     tokens = next(iter(trainers.values())).cfg.tokens_per_step()
     return {name: tokens / seconds for name, seconds in best.items()}
 
