@@ -609,6 +609,17 @@ def _gradients(ctx, do, _lse_grad):
 _forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
+def check_kernel_inputs(op: str, q, k, v, causal: bool) -> None:
+    """What both kernels' entry points need beyond the reference's shape rules: a device Triton runs on, one
+    dtype of DTYPES for q, k, v, and a head_dim in HEAD_DIMS."""
+    check_inputs(q, k, v, causal)
+    check_device(op, q, INTERPRETED)
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
+
+
 def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=False):
     """softmax(q k^T * scale) v, like flash_attn.flash_attn_func: q (batch, seq, heads, head_dim), k and v
     (batch, seq_k, kv_heads, head_dim). Grouped-query attention without copies: kv_heads divides heads, and query
@@ -619,12 +630,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, deterministic=Fals
     Forward and backward are torch.library custom ops, so torch.compile keeps a block that calls this in one
     graph and runs the kernels as they are, never tracing into them.
     """
-    check_inputs(q, k, v, causal)
-    check_device("flash_attention", q, INTERPRETED)
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[-1]}")
+    check_kernel_inputs("flash_attention", q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     return _forward(q, k, v, causal, scale, deterministic)[0]
@@ -709,12 +715,7 @@ def hyperbolic_flash_attention(q_s, k_s, q0, k0, v, curvature, beta, causal=True
     (batch, seq, heads, head_dim) and q0 (batch, seq, heads) from expmap0, likewise k_s, k0 and v with kv_heads;
     curvature (kv_heads,) > 0, beta (heads,). Differentiable in all of them; the same devices, dtypes (for q_s,
     k_s, v) and head dims as flash_attention. The backward is always the deterministic one."""
-    check_inputs(q_s, k_s, v, causal)
-    check_device("hyperbolic_flash_attention", q_s, INTERPRETED)
-    if q_s.dtype not in DTYPES or k_s.dtype != q_s.dtype or v.dtype != q_s.dtype:
-        raise ValueError(f"q_s, k_s, v must share one dtype of {DTYPES}; got {q_s.dtype}, {k_s.dtype}, {v.dtype}")
-    if q_s.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q_s.shape[-1]}")
+    check_kernel_inputs("hyperbolic_flash_attention", q_s, k_s, v, causal)
     if q0.shape != q_s.shape[:3] or k0.shape != k_s.shape[:3]:
         raise ValueError(f"q0 {tuple(q0.shape)}, k0 {tuple(k0.shape)} must be q_s's and k_s's shapes without head_dim")
     if curvature.shape != (k_s.shape[2],) or beta.shape != (q_s.shape[2],):
