@@ -45,6 +45,14 @@ def dcp_payload_folder(run, tmp_path):
     return folder, marker
 
 
+def eval_model(path):
+    """make eval's lm-eval model over a checkpoint: the loading that `make eval` does before any task runs."""
+    pytest.importorskip("lm_eval")
+    from engine.lm_eval_model import CheckpointLM
+
+    return CheckpointLM(str(path))
+
+
 def test_the_index_payload_would_run_under_plain_pickle(dcp_payload_folder):
     """The payload is real: pickle (what DCP's own reader uses) runs it."""
     import pickle
@@ -61,6 +69,8 @@ def test_a_folder_index_payload_runs_on_no_entry_point(dcp_payload_folder, tmp_p
     assert one_line_error(capsys, consolidate, [str(folder)]) == f"error: {refused}"
     assert one_line_error(capsys, chat, [str(folder)]) == f"error: {refused}"
     assert one_line_error(capsys, export, [str(folder), str(tmp_path / "out")]) == f"error: {refused}"
+    with pytest.raises(ckpt.CheckpointError, match="refused to load it"):
+        eval_model(folder)
     with pytest.raises(ckpt.CheckpointError, match="refused to load it"):
         Trainer(load_config(None, [*TINY, f"out_dir={tmp_path / 'resumed'}", f"resume={folder}"]))
     with pytest.raises(ckpt.CheckpointError, match="refused to load it"):  # resume=auto finds it too
@@ -111,6 +121,8 @@ def test_a_phase_a_checkpoint_names_is_never_imported(phase_payload, tmp_path, c
     assert one_line_error(capsys, chat, [str(path)]).startswith(refused)
     assert one_line_error(capsys, chat, [str(path.parent)]).startswith(refused)  # the run folder's checkpoint
     assert one_line_error(capsys, export, [str(path), str(tmp_path / "out")]).startswith(refused)
+    with pytest.raises(Exception, match="phase 'evilrun.payload' is a module path"):
+        eval_model(path)
     with pytest.raises(Exception, match="phase 'evilrun.payload' is a module path"):
         Trainer(load_config(None, [*TINY, f"out_dir={tmp_path / 'resumed'}", f"resume={path}"]))
     with pytest.raises(Exception, match="phase 'evilrun.payload' is a module path"):
