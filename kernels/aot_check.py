@@ -98,6 +98,19 @@ def attention_case(batch, seq, heads, dim, dtype, causal, deterministic, kv_head
     return run
 
 
+def hyperbolic_case(batch, seq, heads, kv_heads, dim, dtype, causal):
+    """Forward and backward of kernels/attention.py's hyperbolic kernels (always the deterministic backward)."""
+    def run():
+        from kernels import attention
+        q_s, do = _empty((batch, seq, heads, dim), dtype), _empty((batch, seq, heads, dim), dtype)
+        k_s, v = (_empty((batch, seq, kv_heads, dim), dtype) for _ in range(2))
+        q0, k0 = _empty((batch, seq, heads), dtype), _empty((batch, seq, kv_heads), dtype)
+        curvature, beta = torch.ones(kv_heads), torch.ones(heads)
+        o, lse = attention._hyperbolic_forward(q_s, k_s, q0, k0, v, curvature, beta, causal)
+        attention._hyperbolic_backward(do, q_s, k_s, q0, k0, v, curvature, beta, o, lse, causal)
+    return run
+
+
 def norm_case(rows, hidden, dtype, weight_dtype, residual):
     """Forward and backward of kernels/norm.py, with or without the residual add."""
     def run():
@@ -179,9 +192,9 @@ def gpu_check_cases():
 
 
 def all_cases():
-    """Every dtype and head dim we support, causal and not, both backwards, plus the recipe cases; lengths of
-    2048 (and a ragged 1000) so that every config has whole blocks. fp16 and fp32 at the largest head dims only,
-    which need the most registers and shared memory (fp16 compiles as bf16 does)."""
+    """Every dtype and head dim we support, causal and not, both backwards, grouped-query and hyperbolic attention,
+    plus the recipe cases; lengths of 2048 (and a ragged 1000) so that every config has whole blocks. fp16 and fp32
+    at the largest head dims only, which need the most registers and shared memory (fp16 compiles as bf16 does)."""
     from kernels.support import ATTENTION_HEAD_DIMS, LINEAR_ATTENTION_HEAD_DIMS
     cases = recipe_cases()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -195,6 +208,12 @@ def all_cases():
         for dim in LINEAR_ATTENTION_HEAD_DIMS if dtype == torch.bfloat16 else LINEAR_ATTENTION_HEAD_DIMS[-1:]:
             cases.append(Case(f"linear {name} K=V={dim}", linear_attention_case(2, 2048, 4, dim, dim, dtype), False))
         cases.append(Case(f"attn {name} ragged 1000", attention_case(2, 1000, 4, 128, dtype, True, False), False))
+        for deterministic in (False, True):  # grouped-query heads (phase hf, Qwen3)
+            cases.append(Case(f"attn {name} gqa{' det' if deterministic else ''}",
+                              attention_case(2, 2048, 8, 128, dtype, True, deterministic, kv_heads=2), False))
+        for causal in (True, False):  # attention=hyperbolic (phase7), with grouped-query heads
+            cases.append(Case(f"hyperbolic {name} {'causal' if causal else 'bidir'}",
+                              hyperbolic_case(2, 2048, 8, 2, 128, dtype, causal), False))
         for hidden in (1000, 2048, 8192, 16384):
             cases.append(Case(f"norm {name} {hidden}", norm_case(1024, hidden, dtype, dtype, True), False))
     return cases

@@ -59,8 +59,9 @@ def _configs(gpu, interpreted):
 # 4) 4 B, (32, 128, 4, 3) 3,404 B), as did 8 warps with 64-query blocks at 3 stages ((64, 64, 8, 3) 108 B, (64,
 # 128, 8, 3) 184 B), while 8 warps with 16- or 32-query blocks do not: (32, 128, 8, 3) 246 registers, (16, 128, 8,
 # 2) 212, (32, 64, 8, 2) 226 on 3.6; 246, 232, 224 on 3.9. (32, 128, 8, 2) spilled 12 B on 3.9 without atomics.
-# Not yet fixed: with grouped-query attention (GROUP > 1, so the loop over a group's heads is not compiled away)
-# these spill on 3.6 with atomics: (32, 128, 8, 3) 264 B, (32, 64, 8, 2) 68 B, (16, 128, 8, 2) 16 B.
+# Grouped-query heads: a loop over a group's heads inside the dK/dV program spilled on 3.6 ((32, 128, 8, 3) 264 B,
+# (32, 64, 8, 2) 68 B, (16, 128, 8, 2) 16 B with atomics; 60-64 B without), so each program now takes one query
+# head, as for MHA, and the group is summed afterwards: 0 B, 188-232 registers on 3.6 and 3.9.
 # Forward and dQ need BLOCK_N to divide BLOCK_M (the diagonal is whole key blocks); dK/dV the reverse. The tests
 # run each kernel with these block shapes in the interpreter too.
 FWD_GPU = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
@@ -93,7 +94,7 @@ def shared_memory_bytes(kernel, config, head_dim, element_size):
 
 def programs(kernel, config, batch_heads, seq):
     """How many programs kernel launches: forward and dQ split the queries into BLOCK_M, dK/dV the keys into
-    BLOCK_N, for each of batch_heads (batch x kv heads for dK/dV)."""
+    BLOCK_N, for each of batch_heads (batch x query heads, for dK/dV too)."""
     return batch_heads * triton.cdiv(seq, config.kwargs["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"])
 
 
@@ -360,11 +361,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, Q0, K0, DK0, GEOM, qk_sc
                    H, GROUP, N_CTX_Q, N_CTX_K, N_CTX_Q_BUCKET, N_CTX_K_BUCKET, BATCH_HEADS_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
                    HYPERBOLIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block of one kv head, summed over the GROUP query heads that share it (in order, so
-    deterministic); with DQ_ATOMIC the whole backward (FlashAttention-2's: 5 matmuls, one exp). HYPERBOLIC (never
-    with DQ_ATOMIC): dK_s, dV and the time components' dK0 (batch, kv heads, seq, fp32)."""
-    bh_kv = tl.program_id(1)
-    b, h_kv = (bh_kv // (H // GROUP)).to(tl.int64), (bh_kv % (H // GROUP)).to(tl.int64)
+    """One query head's dK, dV of one key block; with DQ_ATOMIC the whole backward (FlashAttention-2's: 5 matmuls,
+    one exp). With grouped-query heads (GROUP > 1) DK and DV have a head per query head, which the caller sums
+    over each group: a loop over the group inside the program spilled registers. HYPERBOLIC (never with
+    DQ_ATOMIC): dK_s, dV and the time components' dK0 (batch, heads, seq, fp32)."""
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    h_kv = h // GROUP
     start_n = tl.program_id(0) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -379,25 +382,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, Q0, K0, DK0, GEOM, qk_sc
     dk0 = tl.zeros([BLOCK_N], tl.float32)
     k0 = dk0  # read by the hyperbolic score only
     if HYPERBOLIC:
-        k0 = tl.load(K0 + bh_kv.to(tl.int64) * N_CTX_K + cols, mask=cols < N_CTX_K, other=0.0)
-    for g in range(0, GROUP):
-        h = h_kv * GROUP + g
-        rows_at = (b * H + h) * N_CTX_Q  # this head's log-sum-exp and delta (and time components)
-        curv, head_scale, slope_scale = qk_scale, qk_scale, qk_scale  # the hyperbolic ones: this head's
-        if HYPERBOLIC:
-            curv, head_scale = tl.load(GEOM + h), tl.load(GEOM + H + h)
-            slope_scale = curv * tl.load(GEOM + 2 * H + h)  # d(natural score)/d(-q_s.k_s) = beta sqrt(c) arcosh'
-        dk, dv, dk0 = _dkdv_head(dk, dv, dk0, k, v, Q + b * stride_qb + h * stride_qh,
-                                 DO + b * stride_dob + h * stride_doh, DQ + b * stride_dqb + h * stride_dqh,
-                                 LSE + rows_at, DELTA + rows_at, stride_qs, stride_dos, stride_dqs, head_scale,
-                                 sm_scale, cols, offs_m, offs_d, start_n, N_CTX_Q, k0, Q0 + rows_at, curv,
-                                 slope_scale, CAUSAL, DQ_ATOMIC, BLOCK_M, BLOCK_N, PRECISION, HYPERBOLIC)
-    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
+        k0 = tl.load(K0 + (b * (H // GROUP) + h_kv) * N_CTX_K + cols, mask=cols < N_CTX_K, other=0.0)
+    rows_at = bh.to(tl.int64) * N_CTX_Q  # this head's log-sum-exp and delta (and time components)
+    curv, head_scale, slope_scale = qk_scale, qk_scale, qk_scale  # the hyperbolic ones: this head's
+    if HYPERBOLIC:
+        curv, head_scale = tl.load(GEOM + h), tl.load(GEOM + H + h)
+        slope_scale = curv * tl.load(GEOM + 2 * H + h)  # d(natural score)/d(-q_s.k_s) = beta sqrt(c) arcosh'
+    dk, dv, dk0 = _dkdv_head(dk, dv, dk0, k, v, Q + b * stride_qb + h * stride_qh,
+                             DO + b * stride_dob + h * stride_doh, DQ + b * stride_dqb + h * stride_dqh,
+                             LSE + rows_at, DELTA + rows_at, stride_qs, stride_dos, stride_dqs, head_scale,
+                             sm_scale, cols, offs_m, offs_d, start_n, N_CTX_Q, k0, Q0 + rows_at, curv,
+                             slope_scale, CAUSAL, DQ_ATOMIC, BLOCK_M, BLOCK_N, PRECISION, HYPERBOLIC)
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
     if HYPERBOLIC:
-        tl.store(DK0 + bh_kv.to(tl.int64) * N_CTX_K + cols, dk0, mask=cols < N_CTX_K)
+        tl.store(DK0 + bh.to(tl.int64) * N_CTX_K + cols, dk0, mask=cols < N_CTX_K)
 
 
 @triton.jit
@@ -568,7 +569,10 @@ def _launch_backward(do, q, k, v, o, lse, causal, softmax_scale, deterministic, 
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(n_q, DELTA_BLOCK), B * H)](o, do, delta, *strides(o), *strides(do), H, n_q,
                                                             HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
-    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    H_kv = k.shape[2]
+    # one dK, dV per query head, in fp32 where a group's heads are summed afterwards (see _attn_bwd_dkdv)
+    dk, dv = (torch.empty(t.shape[:2] + (H,) + t.shape[3:], dtype=t.dtype if H == H_kv else torch.float32,
+                          device=t.device) for t in (k, v))
     if deterministic:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:
@@ -576,12 +580,13 @@ def _launch_backward(do, q, k, v, o, lse, causal, softmax_scale, deterministic, 
     scales = (softmax_scale * LOG2E, softmax_scale)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=dot_precision(q.dtype), HYPERBOLIC=hyperbolic is not None)
     q0, k0, geometry, dq0, dk0, sums = hyperbolic or (delta,) * 6  # the euclidean kernels never read these
-    H_kv = k.shape[2]
     heads = (H, H // H_kv)  # query heads, and how many share each kv head
-    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
+    grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)  # noqa: E731
     _attn_bwd_dkdv[grid_k](q, k, v, do, dq, dk, dv, lse, delta, q0, k0, dk0, geometry, *scales, *strides(q),
                            *strides(k), *strides(v), *strides(do), *strides(dq), *strides(dk), *strides(dv),
-                           *heads, *_sizes(n_q, n_k, B * H_kv), DQ_ATOMIC=not deterministic, **flags)
+                           *heads, *_sizes(n_q, n_k, B * H), DQ_ATOMIC=not deterministic, **flags)
+    if H != H_kv:  # each group's heads in order: deterministic
+        dk, dv = (t.view(B, n_k, H_kv, H // H_kv, D).sum(3).to(like.dtype) for t, like in ((dk, k), (dv, v)))
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -680,7 +685,7 @@ def _hyperbolic_backward(do: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor,
     H_kv, n_k = k_s.shape[2], k_s.shape[1]
     geometry = _geometry(curvature, beta, H)
     dq0 = torch.empty((B, H, n_q), dtype=torch.float32, device=q_s.device)
-    dk0 = torch.empty((B, H_kv, n_k), dtype=torch.float32, device=q_s.device)
+    dk0 = torch.empty((B, H, n_k), dtype=torch.float32, device=q_s.device)  # per query head, as dK (summed below)
     sums = torch.empty((2, B, H, n_q), dtype=torch.float32, device=q_s.device)
     dq_s, dk_s, dv = _launch_backward(do, q_s, k_s, v, o, lse, causal, 1.0, True,
                                       (_heads_first(q0), _heads_first(k0), geometry, dq0, dk0, sums))
@@ -688,6 +693,7 @@ def _hyperbolic_backward(do: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor,
     c, b = geometry[0].double(), beta.double()
     dbeta = -dist_sum / c.sqrt()
     dc = (dist_sum * b / (2 * c ** 1.5) - z_sum / c ** 2).view(H_kv, H // H_kv).sum(1)
+    dk0 = dk0.view(B, H_kv, H // H_kv, n_k).sum(2)
     dq0, dk0 = (t.transpose(1, 2).to(like.dtype).contiguous() for t, like in ((dq0, q0), (dk0, k0)))
     return dq_s, dk_s, dq0, dk0, dv, dc.to(curvature.dtype), dbeta.to(beta.dtype)
 
