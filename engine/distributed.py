@@ -92,9 +92,9 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 def shard(model: torch.nn.Module, cfg: Config, device: torch.device, world: World) -> None:
-    """fully_shard each block, then the root (embedding, final norm, lm_head). With use_mixed_precision on CUDA
-    the blocks compute in bf16 and gradients are reduced in fp32; the sharded fp32 weights are what AdamW
-    updates."""
+    """fully_shard each block and the input embedding, then the root (final norm, lm_head). With
+    use_mixed_precision on CUDA the blocks compute in bf16 and gradients are reduced in fp32; the sharded fp32
+    weights are what AdamW updates."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -104,16 +104,15 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device, world: Worl
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=policy)
-    # The input embedding and the final norm + output head as units of their own: otherwise the root's, they
-    # would stay gathered from forward to the end of backward. The head's are still needed right after forward
-    # (objectives apply output_weight() to hidden_states, and backward starts there): no resharding in between.
-    ends = model.embedding_and_head()
-    if ends is not None:
-        embedding, head = ends
+    # The input embedding as a unit of its own: in the root's, it would stay gathered from forward to the end of
+    # backward.
+    embedding = model.input_embedding()
+    if embedding is not None:
         fully_shard(embedding, mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=policy)
-        fully_shard(head, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-    # The root holds whatever is left (a tied embedding and head): gathered after forward, FSDP's default for a
-    # root.
+    # The root holds the rest: the final norm and the output head (and a tied embedding), gathered from
+    # hidden_states to the end of backward, as objectives apply output_weight() to hidden_states after forward.
+    # The head is no unit of its own, nor grouped with the norm as torchtitan does: its forward never runs (the
+    # objective reads its weight), and torch 2.11 then never gathered the group again after an evaluation.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     # Objectives call hidden_states, not forward: it must gather the root's parameters as forward would.
     register_fsdp_forward_method(model, "hidden_states")

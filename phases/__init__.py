@@ -51,8 +51,8 @@ class LanguageModel(Protocol):
         on the meta device and calls this after sharding, so every rank fills its own shards and N ranks start
         from 1 process's weights."""
 
-    def embedding_and_head(self) -> tuple[nn.Module, list[nn.Module]] | None:
-        """(input embedding, [final norm, output head]), FSDP units of their own; None when they share a weight."""
+    def input_embedding(self) -> nn.Module | None:
+        """The input embedding, an FSDP unit of its own; None when the output head shares its weight."""
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def test_what_fsdp_cannot_do_is_an_error_before_anything_is_built():
     check_supported(load_config(None, TINY + ["micro_batch_size=1"]))
 
 
-# One model of each kind: phase 7 dense (its own FSDP units for embedding and head), phase 8 hybrid with the
+# One model of each kind: phase 7 dense (the embedding an FSDP unit of its own), phase 8 hybrid with the
 # convolution and activation checkpointing (wrapped blocks: wrapper names in parameter names), mdm, a tied
 # tensor-train embedding (embedding and head in the root), the toy phase outside phases/, a transformers model
 # from scratch (its own _init_weights; tied embeddings)

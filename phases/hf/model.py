@@ -130,12 +130,9 @@ class HFCausalLM(nn.Module):
             whole = {}
         set_model_state_dict(self, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded))
 
-    def embedding_and_head(self) -> tuple[nn.Module, list[nn.Module]] | None:
-        """(input embedding, [final norm, lm_head]), which FSDP shards as units of their own; None when tied."""
-        if self.lm_head.weight is self.embedding.weight:
-            return None
-        norm = getattr(self.hf.base_model, "norm", None)
-        return self.embedding, [norm, self.lm_head] if isinstance(norm, nn.Module) else [self.lm_head]
+    def input_embedding(self) -> nn.Module | None:
+        """The input embedding, which FSDP shards as a unit of its own; None when tied to lm_head."""
+        return None if self.lm_head.weight is self.embedding.weight else self.embedding
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -311,10 +311,9 @@ class Transformer(nn.Module):
         else:
             tensor.normal_(0, std, generator=generator)
 
-    def embedding_and_head(self) -> tuple[nn.Module, list[nn.Module]] | None:
-        """(input embedding, [final norm, output head]), which FSDP shards as units of their own; None when
-        the head is the embedding's table."""
-        return None if self.lm_head is None else (self.embed_tokens, [self.norm, self.lm_head])
+    def input_embedding(self) -> nn.Module | None:
+        """The input embedding, which FSDP shards as a unit of its own; None when the head is its table."""
+        return None if self.lm_head is None else self.embed_tokens
 
     def hidden_states(self, idx, cache: list | None = None, start: int = 0):
         """Final-normed hidden states (B, S, d); the objective applies output_weight() (possibly fused).

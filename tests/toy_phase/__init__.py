@@ -48,8 +48,8 @@ class Bigram(nn.Module):
             init_parameter(p, name, seed, lambda tensor, generator: tensor.normal_(0, 0.02, generator=generator)
                            if tensor.ndim > 1 else tensor.zero_())
 
-    def embedding_and_head(self):
-        return self.embed, [self.lm_head]
+    def input_embedding(self):
+        return self.embed
 
     def hidden_states(self, idx, cache=None, start=0):
         x = self.embed(idx)
