@@ -12,9 +12,11 @@ report gives registers and spills.
     python -m kernels.aot_check --recipes  # only what the 1.44B recipe and the bench shapes can select (CI)
     python -m kernels.aot_check --warm     # on the device: fill Triton's cache for scripts/gpu_check.sh's steps
 
-Fails (exit 1) on a compile error, on shared memory over the H200's 232,448 bytes per program, and on a spill in
-a config the recipes can select (the autotuner's pruning, run with the H200's numbers, says which). Triton is
-whichever `import triton` finds: PYTHONPATH=.aot/triton-3.6 checks the device's version (make aot-check does both).
+Fails (exit 1) on a compile error, on shared memory over the H200's 232,448 bytes per program in a config the
+runtime can launch (one that the kernel's shared-memory estimate admits: the table marks the others "pruned"),
+and on a spill in a config the recipes can select (the autotuner's pruning, run with the H200's numbers, says
+which). Triton is whichever `import triton` finds: PYTHONPATH=.aot/triton-3.6 checks the device's version (make
+aot-check does both).
 """
 
 import argparse
@@ -36,6 +38,8 @@ from tqdm import tqdm
 
 SHARED_MEMORY_LIMIT = 232448  # bytes per program on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100/H200)
 H200 = SimpleNamespace(shared_memory_per_block_optin=SHARED_MEMORY_LIMIT, multi_processor_count=132)
+# a device on which no grid is too small: the prune then drops only what does not fit
+ANY_GRID = SimpleNamespace(shared_memory_per_block_optin=SHARED_MEMORY_LIMIT, multi_processor_count=1)
 RECIPE_HEADS, RECIPE_DIM, RECIPE_SEQ, RECIPE_HIDDEN = 16, 128, 1024, 2048  # configs/phase7_1.5b_triton.yaml
 BENCH_TOKENS = 16384  # bench/bench_kernels.py: batch = tokens // seq
 
@@ -58,6 +62,7 @@ class Job:
     args: tuple
     kwargs: dict
     recipe: bool
+    admissible: bool = True  # the kernel's prune keeps it at some grid size (it fits the estimate)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Row:
     variant: str
     config: str
     recipe: bool
+    admissible: bool = True
     shared: int = 0
     registers: int = 0
     spills: int = 0
@@ -76,7 +82,7 @@ class Row:
 
     def problems(self):
         found = [self.error] if self.error else []
-        if self.shared > SHARED_MEMORY_LIMIT:
+        if self.shared > SHARED_MEMORY_LIMIT and self.admissible:  # else the runtime never launches it
             found.append(f"shared memory {self.shared:,} B > {SHARED_MEMORY_LIMIT:,}")
         if self.recipe and self.spills:
             found.append(f"spills {self.spills} B in a config the recipes can select")
@@ -240,7 +246,8 @@ def captured_launches(run):
 def jobs(case, every_config):
     """One Job per (launch, config): every config of an autotuned kernel, or those the autotuner keeps for an
     H200 at this case's shapes (its own early_config_prune, given the H200's shared memory and SM count: the
-    same numbers as an H100's)."""
+    same numbers as an H100's). A config the prune drops even when no grid is too small (its shared memory
+    estimate is over the limit) is marked inadmissible: compiled, but never launched."""
     from triton.runtime.autotuner import Autotuner
 
     found = []
@@ -252,16 +259,19 @@ def jobs(case, every_config):
             label = f"w{kwargs.get('num_warps', 4)}"
             found.append(Job(case.name, kernel.__name__, variant, label, kernel, args, kwargs, case.recipe))
             continue
-        configs = kernel.configs
-        selectable = configs
+        configs = selectable = admissible = kernel.configs
         if kernel.early_config_prune:
+            named_args = dict(zip(kernel.arg_names, args))
             with mock.patch("torch.cuda.get_device_properties", lambda device: H200):
-                selectable = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
+                selectable = kernel.early_config_prune(configs, named_args, **kwargs)
+            with mock.patch("torch.cuda.get_device_properties", lambda device: ANY_GRID):
+                admissible = kernel.early_config_prune(configs, named_args, **kwargs)
         for config in (configs if every_config else selectable):
             label = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
             label += f" w{config.num_warps} s{config.num_stages}"
             found.append(Job(case.name, kernel.fn.__name__, variant, label, kernel.fn, args,
-                             {**kwargs, **config.all_kwargs()}, case.recipe and config in selectable))
+                             {**kwargs, **config.all_kwargs()}, case.recipe and config in selectable,
+                             config in admissible))
     return found
 
 
@@ -310,7 +320,7 @@ def compile_job(job):
     import triton
     from triton.compiler import ASTSource
 
-    row = Row(job.case, job.kernel, job.variant, job.config, job.recipe)
+    row = Row(job.case, job.kernel, job.variant, job.config, job.recipe, job.admissible)
     start = time.perf_counter()
     try:
         target, source, options = compile_inputs(job)
@@ -336,12 +346,14 @@ def _compile_index(i):
 
 def table(rows):
     """One line per compile: kernel, variant, config, shared memory, registers, spills, the matmul instruction,
-    whether the recipes can select it, seconds to compile, and the first case that compiles it."""
+    whether the recipes can select it (or the runtime never launches it: pruned), seconds to compile, and the
+    first case that compiles it."""
     lines = [f"{'kernel':<19} {'variant':<27} {'config':<30} {'smem B':>8} {'regs':>4} {'spill B':>7} {'mma':<8} "
              f"{'recipe':<6} {'s':>3} first case"]
     for r in sorted(rows, key=lambda r: (r.kernel, r.variant, r.config, r.case)):
+        selected = "yes" if r.recipe else "" if r.admissible else "pruned"
         lines.append(f"{r.kernel:<19} {r.variant:<27} {r.config:<30} {r.shared:>8,} {r.registers:>4} {r.spills:>7} "
-                     f"{r.mma:<8} {'yes' if r.recipe else '':<6} {r.seconds:>3.0f} {r.case}"
+                     f"{r.mma:<8} {selected:<6} {r.seconds:>3.0f} {r.case}"
                      f"{'  ERROR ' + r.error if r.error else ''}")
     return "\n".join(lines)
 
@@ -370,6 +382,7 @@ def main(argv=None) -> int:
         for job in jobs(case, every_config=not (args.recipes or args.warm)):
             first = distinct.setdefault(compile_key(job), job)
             first.recipe |= job.recipe
+            first.admissible |= job.admissible
     _JOBS[:] = distinct.values()
     print(f"triton {triton.__version__}: {len(_JOBS)} compiles for sm_90 from {len(cases)} cases on "
           f"{args.jobs} processes{' into ' + triton.knobs.cache.dir if args.warm else ''}", flush=True)

@@ -36,6 +36,28 @@ def test_what_fails_the_check():
     assert Row("c", "k", "bf16", "cfg", recipe=True, spills=4).problems()
     assert Row("c", "k", "bf16", "cfg", recipe=False, spills=4).problems() == []  # reported, not failed
     assert Row("c", "k", "bf16", "cfg", recipe=False, error="CompilationError: x").problems()
+    # shared memory over the limit in a config the kernel's own estimate drops: never launched, not a failure
+    assert Row("c", "k", "fp32", "cfg", recipe=False, admissible=False, shared=SHARED_MEMORY_LIMIT + 1).problems() == []
+
+
+ADMISSIBLE = """
+import torch
+from kernels import aot_check
+for dtype in (torch.float32, torch.bfloat16):
+    case = aot_check.Case("t", aot_check.attention_case(2, 2048, 8, 128, dtype, True, False), False)
+    print(dtype, sorted({(j.kernel, j.config) for j in aot_check.jobs(case, every_config=True) if not j.admissible}))
+"""
+
+
+@needs_triton_cuda_backend
+def test_every_config_mode_marks_what_the_shared_memory_estimate_drops_whatever_the_grid():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the GPU configs, not the interpreter's
+    result = subprocess.run([sys.executable, "-c", ADMISSIBLE], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fp32, bf16 = result.stdout.splitlines()
+    assert "('_attn_fwd', 'BLOCK_M=128 BLOCK_N=128 w8 s2')" in fp32  # 327,680 B by the estimate
+    assert bf16.endswith(" []")  # in bf16 every config fits
 
 
 @needs_triton_cuda_backend
