@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "to be or not to be, that is the question."
 WORDS = SENTENCE.split()
 MODEL = ["vocab_size=300", "n_seq=32", "d_model=64", "n_heads=4", "n_layers=2", "ffn_dim=128", "batch_size=8",
-         "learning_rate=0.01", "warmup_steps=5", "eval_batches=1", "log_every=1000"]
+         "learning_rate=0.01", "eval_batches=1", "log_every=1000"]
 
 
 def write_task(folder: Path, name: str, output_type: str, docs: list[dict], fields: str) -> Path:
@@ -52,9 +52,10 @@ def work(tmp_path_factory):
         writer = ShardWriter(tmp / "data", split, 1000, sep_token=eos, dtype=np.uint16)
         writer.add(part)
         writer.close()
-    for phase, steps in (("phase7", 40), ("mdm", 400)):
+    # mdm warms up for longer: with 5 steps, some seeds ended 400 steps ranking half the answers wrong
+    for phase, steps, warmup in (("phase7", 40, 5), ("mdm", 400, 40)):
         Trainer(load_config(None, [f"phase={phase}", f"data={tmp / 'data'}", f"tokenizer={tmp / 'tokenizer.json'}",
-                                   *MODEL, f"max_steps={steps}", f"eval_every={steps}",
+                                   *MODEL, f"max_steps={steps}", f"eval_every={steps}", f"warmup_steps={warmup}",
                                    f"out_dir={tmp / 'runs' / phase}"])).fit()
     choice_docs = [{"context": " ".join(WORDS[:cut]), "answer": 0,
                     "choices": [WORDS[cut]] + [w for w in ("question.", "be,", "that", "or") if w != WORDS[cut]][:3]}
@@ -89,6 +90,11 @@ def responses(results, task) -> list:
     return [s["filtered_resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
+def answered_right(results, task) -> list[int]:
+    """The documents (by id) whose right answer the model ranked first."""
+    return sorted(s["doc_id"] for s in results["samples"][task] if s["acc"] == 1.0)
+
+
 def lls(results, task) -> np.ndarray:
     return np.array([[float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
                      for resps in responses(results, task)], dtype=object).astype(float)
@@ -121,15 +127,18 @@ def test_phase7_matches_lm_evals_hf_model_on_the_export(work):
 
 def test_mdm_mc_approaches_chain_rule_and_both_know_the_answer(work):
     """The mc estimate's distance to the chain rule shrinks as draws are added (its noise is that of 1/t-weighted
-    draws: about 1 nat per request at 256 draws here, 4 at 4 draws); both rank every right answer first."""
+    draws: about 1 nat per request at 256 draws here, 4 at 4 draws); both rank the right answer first wherever
+    the context has three words or more. After "to be" (document 0) the sentence goes on with " or" and with
+    ",": there the tiny bidirectional model ranked a wrong choice first at 4 of 7 seeds (2, 5-9, 1337), and
+    never elsewhere, by either estimate."""
     chain = run_tasks(work, "mdm", ["next_word"], nll="chain_rule")
-    assert chain["results"]["next_word"]["acc,none"] == 1.0
+    assert set(answered_right(chain, "next_word")) >= set(range(1, 7))
     exact = lls(chain, "next_word")
     errors = {}
     for mc_num in (4, 256):
         mc = run_tasks(work, "mdm", ["next_word"], nll="mc", mc_num=mc_num, batch_size=64)
         errors[mc_num] = float(np.abs(lls(mc, "next_word") - exact).mean())
-    assert mc["results"]["next_word"]["acc,none"] == 1.0
+    assert set(answered_right(mc, "next_word")) >= set(range(1, 7))
     assert errors[256] < errors[4] / 2, errors
 
 
