@@ -6,7 +6,7 @@ Under torchrun (`make train ... NPROC=8`):
 - init_world(): the process group (gloo on CPU, NCCL on CUDA), this rank's device (cuda:LOCAL_RANK), and
   stdout silenced on every rank but 0, so one process prints the log.
 - build_sharded_model(): the model is built on the meta device (no memory), the engine's per-block wrappers
-  applied, each block, the input embedding and the final norm + head, then the root wrapped with FSDP2's
+  applied, each block and the input embedding, then the root (final norm and head) wrapped with FSDP2's
   fully_shard, each rank allocating only its shards and initialising them with the model's own
   init_weights: each parameter drawn whole from (seed, its name), the rank keeping its slice (engine/init.py),
   so 2 ranks start from exactly the weights 1 process would and nothing ever holds the whole model; a resumed
